@@ -1,0 +1,251 @@
+//! One fresh database per test, so tests run in parallel against a real PostgreSQL.
+//!
+//! The server is `DATABASE_URL`, or 127.0.0.1:5432 when it answers; `scripts/test` starts a
+//! throwaway cluster (via `with-postgres`) when neither exists. Each [`TestDb`] is cloned from a
+//! template database that is migrated once per migration fingerprint (cloning takes tens of
+//! milliseconds, migrating takes much longer), and is dropped when the value is.
+
+use deadpool_postgres::Pool;
+use std::time::Duration;
+use steward_schema::SchemaName;
+use tokio_postgres::{Client, Config, NoTls};
+
+const TEMPLATE_LOCK: &str = "steward.testkit.template";
+
+pub struct TestDb {
+    server_url: String,
+    name: String,
+    schema: SchemaName,
+    config: Config,
+}
+
+/// The server tests run against.
+pub fn server_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => steward_devdb::DEFAULT_LOCAL_URL.to_owned(),
+    }
+}
+
+impl TestDb {
+    /// A new database holding a migrated `steward` schema.
+    pub async fn new() -> TestDb {
+        Self::create(true).await
+    }
+
+    /// A new empty database (no schema), for migration tests.
+    pub async fn empty() -> TestDb {
+        Self::create(false).await
+    }
+
+    async fn create(migrated: bool) -> TestDb {
+        let server_url = server_url();
+        let admin = admin_client(&server_url).await;
+        let name = format!("steward_test_{}", uuid::Uuid::new_v4().simple());
+        let template = if migrated {
+            ensure_template(&server_url, &admin).await
+        } else {
+            "template0".to_owned()
+        };
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .await
+            .unwrap_or_else(|e| panic!("creating test database {name} from {template}: {e}"));
+        let schema = SchemaName::default();
+        let config = database_config(&server_url, &name, &schema);
+        TestDb {
+            server_url,
+            name,
+            schema,
+            config,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// Connection config for this database with the schema pinned.
+    pub fn config(&self) -> Config {
+        self.config.clone()
+    }
+
+    /// A URL for this database (without the schema pin), for spawning processes.
+    pub fn url(&self) -> String {
+        url_with_dbname(&self.server_url, &self.name)
+    }
+
+    /// A dedicated connection to this database.
+    pub async fn client(&self) -> Client {
+        steward_schema::connect(&self.config)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name))
+    }
+
+    pub fn pool(&self, size: usize) -> Pool {
+        steward_schema::pool(self.config(), size).expect("building the test pool")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let server_url = self.server_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee: use a private one on a plain thread.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let admin = try_admin_client(&server_url).await.ok()?;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!(
+                "steward-testkit: could not drop test database {}",
+                self.name
+            );
+        }
+    }
+}
+
+fn database_config(server_url: &str, dbname: &str, schema: &SchemaName) -> Config {
+    let mut config = steward_schema::pg_config(server_url, schema, "steward-test")
+        .expect("DATABASE_URL must parse");
+    config.dbname(dbname);
+    config
+}
+
+fn url_with_dbname(server_url: &str, dbname: &str) -> String {
+    // postgres://user@host:port/db?params -> replace the path segment.
+    let (base, query) = match server_url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (server_url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut url = format!("{}/{}", &base[..path_start], dbname);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+async fn try_admin_client(server_url: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut config: Config = server_url.parse()?;
+    config.connect_timeout(Duration::from_secs(5));
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn admin_client(server_url: &str) -> Client {
+    try_admin_client(server_url).await.unwrap_or_else(|e| {
+        panic!(
+            "no PostgreSQL for tests at {}: {e}\nset DATABASE_URL, or run the suite with scripts/test, which starts a throwaway cluster",
+            steward_schema::redact_url(server_url)
+        )
+    })
+}
+
+/// The migrated template for the current migrations, built once per fingerprint across all
+/// test processes (serialized by an advisory lock on the admin database).
+async fn ensure_template(server_url: &str, admin: &Client) -> String {
+    let name = format!("steward_tmpl_{}", steward_schema::migrations_fingerprint());
+    if database_exists(admin, &name).await {
+        return name;
+    }
+    admin
+        .execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+            &[&TEMPLATE_LOCK],
+        )
+        .await
+        .expect("taking the template lock");
+    if !database_exists(admin, &name).await {
+        // Build under a temporary name and rename, so that a half-built template from a killed
+        // run is never used.
+        let building = format!("{name}_wip");
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building} TEMPLATE template0"),
+        ] {
+            admin
+                .batch_execute(&statement)
+                .await
+                .expect("creating the template database");
+        }
+        {
+            let schema = SchemaName::default();
+            let mut client =
+                steward_schema::connect(&database_config(server_url, &building, &schema))
+                    .await
+                    .expect("connecting to the template database");
+            steward_schema::migrate(&mut client, &schema)
+                .await
+                .expect("migrating the template database");
+        }
+        // The migrating connection must be gone before the rename (and before any clone).
+        // The migrating backend may still be exiting after its client is dropped; the rename
+        // fails while any session is connected, so retry for a bounded time.
+        let rename = format!("ALTER DATABASE {building} RENAME TO {name}");
+        let mut attempts = 0;
+        while let Err(error) = admin.batch_execute(&rename).await {
+            attempts += 1;
+            assert!(attempts < 100, "publishing the template database: {error}");
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&building],
+                )
+                .await
+                .expect("terminating template sessions");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    admin
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&TEMPLATE_LOCK],
+        )
+        .await
+        .expect("releasing the template lock");
+    name
+}
+
+async fn database_exists(admin: &Client, name: &str) -> bool {
+    admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("querying pg_database")
+        .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_dbname() {
+        assert_eq!(
+            super::url_with_dbname("postgres://u@h:5432/postgres?sslmode=disable", "t1"),
+            "postgres://u@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(
+            super::url_with_dbname("postgres://u@h", "t1"),
+            "postgres://u@h/t1"
+        );
+    }
+}
