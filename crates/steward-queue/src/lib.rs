@@ -1,0 +1,368 @@
+//! Client for Steward's Postgres job queue, used by producers, workers, tests and benchmarks.
+//!
+//! Every call that moves a claimed run forward ([`Queue::heartbeat`], [`Queue::complete`],
+//! [`Queue::fail`], [`Queue::snooze`], [`Queue::wait_for_callback`]) is guarded by the run's
+//! [`Lease`]: once a run has been rescued, cancelled or claimed again, the old worker gets
+//! [`QueueError::LeaseLost`] and changes nothing.
+
+mod job;
+pub mod sql;
+
+pub use job::{ClaimedJob, Job, JobState, Lease, NewJob, ParseStateError};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use std::time::Duration;
+use steward_schema::SchemaName;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("job {job_id} (run {run_lease}) no longer holds its lease: it was rescued, cancelled or finished elsewhere")]
+    LeaseLost { job_id: i64, run_lease: i64 },
+    #[error("callback {0} is not pending: it was already resolved, timed out or cancelled")]
+    CallbackNotPending(Uuid),
+    #[error("invalid job: {0}")]
+    Invalid(String),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+/// Exponential retry backoff: `base * 2^(attempt-1)`, capped at `max`, then spread by
+/// `+/- jitter` (a fraction). Computed in the database (`retry_backoff`) so that the client
+/// and the rescue branches share one definition.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+            jitter: 0.1,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The parameters as `retry_backoff(attempt, base_ms, max_ms, jitter)` takes them.
+    pub fn sql_params(&self) -> (f64, f64, f64) {
+        (
+            self.base.as_secs_f64() * 1000.0,
+            self.max.as_secs_f64() * 1000.0,
+            self.jitter.clamp(0.0, 1.0),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new job with this id.
+    New(i64),
+    /// A job with the same unique key was already pending; this is its id.
+    Duplicate(i64),
+}
+
+impl Enqueued {
+    pub fn id(self) -> i64 {
+        match self {
+            Enqueued::New(id) | Enqueued::Duplicate(id) => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FailOutcome {
+    /// The job will run again at this time.
+    Retrying { run_at: DateTime<Utc> },
+    /// Attempts are exhausted (or the error was permanent): the job is failed.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Complete,
+    Fail(String),
+}
+
+/// The queue, over a pool whose connections are pinned to the Steward schema
+/// (see [`steward_schema::pg_config`]).
+#[derive(Clone)]
+pub struct Queue {
+    pool: Pool,
+    retry: RetryPolicy,
+    due_channel: String,
+}
+
+/// The NOTIFY channel producers use to wake the promoter of `schema`.
+pub fn due_channel(schema: &SchemaName) -> String {
+    format!("{schema}_due")
+}
+
+impl Queue {
+    pub fn new(pool: Pool, schema: &SchemaName) -> Self {
+        Self {
+            pool,
+            retry: RetryPolicy::default(),
+            due_channel: due_channel(schema),
+        }
+    }
+
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
+        job.validate()?;
+        let client = self.pool.get().await?;
+        let insert = client.prepare_cached(sql::ENQUEUE).await?;
+        let run_at = job.run_at.unwrap_or_else(Utc::now);
+        let timeout_ms = job.run_timeout.map(|d| d.as_millis() as i64);
+        // A unique job may finish and release its key between our conflict and our lookup:
+        // try again a few times before calling it a conflict we cannot place.
+        for _ in 0..3 {
+            let inserted = client
+                .query_opt(
+                    &insert,
+                    &[
+                        &job.queue,
+                        &job.kind,
+                        &job.args,
+                        &job.priority,
+                        &job.max_attempts,
+                        &run_at,
+                        &timeout_ms,
+                        &job.unique_key,
+                        &self.due_channel,
+                    ],
+                )
+                .await?;
+            if let Some(row) = inserted {
+                return Ok(Enqueued::New(row.get(0)));
+            }
+            let existing = client
+                .query_opt(sql::FIND_UNIQUE, &[&job.unique_key])
+                .await?;
+            if let Some(row) = existing {
+                return Ok(Enqueued::Duplicate(row.get(0)));
+            }
+        }
+        Err(QueueError::Invalid(format!(
+            "unique key {:?} kept changing hands while enqueuing",
+            job.unique_key
+        )))
+    }
+
+    /// Enqueues many jobs in one statement; jobs whose unique key is taken are skipped.
+    /// Returns the ids of the new jobs, ascending.
+    pub async fn enqueue_batch(&self, jobs: &[NewJob]) -> Result<Vec<i64>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Utc::now();
+        let mut queues = Vec::with_capacity(jobs.len());
+        let mut kinds = Vec::with_capacity(jobs.len());
+        let mut args = Vec::with_capacity(jobs.len());
+        let mut priorities = Vec::with_capacity(jobs.len());
+        let mut max_attempts = Vec::with_capacity(jobs.len());
+        let mut run_ats = Vec::with_capacity(jobs.len());
+        let mut timeouts = Vec::with_capacity(jobs.len());
+        let mut unique_keys = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            job.validate()?;
+            queues.push(job.queue.as_str());
+            kinds.push(job.kind.as_str());
+            args.push(&job.args);
+            priorities.push(job.priority);
+            max_attempts.push(job.max_attempts);
+            run_ats.push(job.run_at.unwrap_or(now));
+            timeouts.push(job.run_timeout.map(|d| d.as_millis() as i64));
+            unique_keys.push(job.unique_key.as_deref());
+        }
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::ENQUEUE_BATCH).await?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &queues,
+                    &kinds,
+                    &args,
+                    &priorities,
+                    &max_attempts,
+                    &run_ats,
+                    &timeouts,
+                    &unique_keys,
+                    &self.due_channel,
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Claims up to `limit` available jobs of `queue`: each becomes running with a new lease.
+    pub async fn claim(&self, queue: &str, limit: i64) -> Result<Vec<ClaimedJob>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::CLAIM).await?;
+        let rows = client.query(&statement, &[&queue, &limit]).await?;
+        Ok(rows.iter().map(ClaimedJob::from_row).collect())
+    }
+
+    pub async fn heartbeat(&self, lease: Lease) -> Result<()> {
+        self.guarded(sql::HEARTBEAT, lease).await
+    }
+
+    /// Heartbeats many runs in one statement; returns the leases that were lost.
+    pub async fn heartbeat_many(&self, leases: &[Lease]) -> Result<Vec<Lease>> {
+        let ids: Vec<i64> = leases.iter().map(|l| l.job_id).collect();
+        let runs: Vec<i64> = leases.iter().map(|l| l.run_lease).collect();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::HEARTBEAT_MANY).await?;
+        let alive: std::collections::HashSet<Lease> = client
+            .query(&statement, &[&ids, &runs])
+            .await?
+            .iter()
+            .map(|r| Lease {
+                job_id: r.get(0),
+                run_lease: r.get(1),
+            })
+            .collect();
+        Ok(leases
+            .iter()
+            .copied()
+            .filter(|l| !alive.contains(l))
+            .collect())
+    }
+
+    pub async fn complete(&self, lease: Lease) -> Result<()> {
+        self.guarded(sql::COMPLETE, lease).await
+    }
+
+    /// Records a failed attempt: the job retries with backoff while attempts remain.
+    pub async fn fail(&self, lease: Lease, error: &str) -> Result<FailOutcome> {
+        self.fail_inner(lease, error, false).await
+    }
+
+    /// Records a failure that retrying cannot fix: the job is failed at once.
+    pub async fn fail_permanently(&self, lease: Lease, error: &str) -> Result<FailOutcome> {
+        self.fail_inner(lease, error, true).await
+    }
+
+    async fn fail_inner(&self, lease: Lease, error: &str, permanent: bool) -> Result<FailOutcome> {
+        let (base, max, jitter) = self.retry.sql_params();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::FAIL).await?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &lease.job_id,
+                    &lease.run_lease,
+                    &base,
+                    &max,
+                    &jitter,
+                    &error,
+                    &permanent,
+                ],
+            )
+            .await?
+            .ok_or(lease.lost())?;
+        let state: String = row.get(0);
+        Ok(if state == "failed" {
+            FailOutcome::Failed
+        } else {
+            FailOutcome::Retrying { run_at: row.get(1) }
+        })
+    }
+
+    /// Puts the run back to scheduled, due after `delay`, without using up an attempt.
+    pub async fn snooze(&self, lease: Lease, delay: Duration) -> Result<DateTime<Utc>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::SNOOZE).await?;
+        let delay_ms = delay.as_secs_f64() * 1000.0;
+        let row = client
+            .query_opt(&statement, &[&lease.job_id, &lease.run_lease, &delay_ms])
+            .await?
+            .ok_or(lease.lost())?;
+        Ok(row.get(0))
+    }
+
+    /// Parks the run until [`Queue::resolve_callback`] is called with the returned id, or
+    /// `timeout` passes (then `rescue_expired_callbacks` retries or fails it).
+    pub async fn wait_for_callback(&self, lease: Lease, timeout: Duration) -> Result<Uuid> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::WAIT_FOR_CALLBACK).await?;
+        let timeout_ms = timeout.as_secs_f64() * 1000.0;
+        let row = client
+            .query_opt(&statement, &[&lease.job_id, &lease.run_lease, &timeout_ms])
+            .await?
+            .ok_or(lease.lost())?;
+        Ok(row.get(0))
+    }
+
+    /// Resolves a pending callback. Exactly one of this and the timeout rescue takes effect;
+    /// the loser sees [`QueueError::CallbackNotPending`] (or changes nothing).
+    pub async fn resolve_callback(&self, callback_id: Uuid, resolution: Resolution) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let row = match resolution {
+            Resolution::Complete => {
+                let statement = client
+                    .prepare_cached(sql::RESOLVE_CALLBACK_COMPLETE)
+                    .await?;
+                client.query_opt(&statement, &[&callback_id]).await?
+            }
+            Resolution::Fail(error) => {
+                let (base, max, jitter) = self.retry.sql_params();
+                let statement = client.prepare_cached(sql::RESOLVE_CALLBACK_FAIL).await?;
+                client
+                    .query_opt(&statement, &[&callback_id, &base, &max, &jitter, &error])
+                    .await?
+            }
+        };
+        row.map(|r| r.get(0))
+            .ok_or(QueueError::CallbackNotPending(callback_id))
+    }
+
+    /// Cancels a job that has not finished; returns false when it had already finished.
+    /// A running job's worker then loses its lease.
+    pub async fn cancel(&self, job_id: i64) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::CANCEL).await?;
+        Ok(client.execute(&statement, &[&job_id]).await? == 1)
+    }
+
+    pub async fn get(&self, job_id: i64) -> Result<Option<Job>> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::GET).await?;
+        client
+            .query_opt(&statement, &[&job_id])
+            .await?
+            .map(|row| Job::from_row(&row))
+            .transpose()
+    }
+
+    async fn guarded(&self, statement: &str, lease: Lease) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(statement).await?;
+        match client
+            .execute(&statement, &[&lease.job_id, &lease.run_lease])
+            .await?
+        {
+            1 => Ok(()),
+            _ => Err(lease.lost()),
+        }
+    }
+}

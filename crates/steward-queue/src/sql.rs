@@ -1,0 +1,142 @@
+//! Every statement the queue client runs, one per purpose, with the index it relies on.
+//! State literals are inlined (not parameters) so the planner can match the partial indexes.
+
+/// Single enqueue. Conflicts only on `jobs_unique_key_idx`. A scheduled job due before the
+/// promoter's own next wake-up (`leader.promote_wakeup_at`) sends a NOTIFY on channel $11 so the
+/// promoter wakes for it; other enqueues send nothing.
+pub const ENQUEUE: &str = "
+WITH ins AS (
+    INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
+                      run_at, run_timeout, unique_key)
+    VALUES ($1, $2, $3,
+            CASE WHEN $6::timestamptz > now() THEN 'scheduled'::job_state ELSE 'available'::job_state END,
+            $4, $4, $5, $6, $7::int8 * interval '1 millisecond', $8)
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('failed', 'cancelled')
+    DO NOTHING
+    RETURNING id, state, run_at
+), wake AS (
+    SELECT pg_notify($9, '') FROM ins, leader
+    WHERE ins.state = 'scheduled' AND leader.promote_wakeup_at > ins.run_at
+)
+SELECT id, (SELECT count(*) FROM wake) FROM ins";
+
+/// The job holding a unique key (after ENQUEUE hit a conflict). Index: jobs_unique_key_idx.
+pub const FIND_UNIQUE: &str = "
+SELECT id FROM jobs
+WHERE unique_key = $1 AND state NOT IN ('failed', 'cancelled')";
+
+/// Batch enqueue from parallel arrays in one statement (UNNEST). Duplicate unique keys are
+/// skipped. Same NOTIFY rule as ENQUEUE, on the earliest scheduled job of the batch.
+pub const ENQUEUE_BATCH: &str = "
+WITH ins AS (
+    INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
+                      run_at, run_timeout, unique_key)
+    SELECT q, k, a,
+           CASE WHEN r > now() THEN 'scheduled'::job_state ELSE 'available'::job_state END,
+           p, p, m, r, t * interval '1 millisecond', u
+    FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[], $6::timestamptz[],
+                $7::int8[], $8::text[]) WITH ORDINALITY AS n(q, k, a, p, m, r, t, u, ord)
+    ORDER BY ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('failed', 'cancelled')
+    DO NOTHING
+    RETURNING id, state, run_at
+), wake AS (
+    SELECT pg_notify($9, '') FROM leader
+    WHERE leader.promote_wakeup_at > (SELECT min(run_at) FROM ins WHERE state = 'scheduled')
+)
+SELECT id, (SELECT count(*) FROM wake) FROM ins ORDER BY id";
+
+/// Claim: the next available jobs of one queue, by priority then due time, skipping rows other
+/// claimers hold. Index: jobs_claim_idx.
+pub const CLAIM: &str = "
+WITH picked AS (
+    SELECT id FROM jobs
+    WHERE state = 'available' AND queue = $1
+    ORDER BY priority, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j
+SET state = 'running', attempt = j.attempt + 1, run_lease = j.run_lease + 1,
+    attempted_at = now(), heartbeat_at = now(),
+    deadline_at = now() + j.run_timeout
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.queue, j.kind, j.args, j.priority, j.attempt, j.max_attempts, j.run_lease,
+          j.run_at, j.created_at, j.deadline_at, j.errors";
+
+/// Heartbeat of one run. Primary key lookup; the run_lease guard rejects a stale worker.
+pub const HEARTBEAT: &str = "
+UPDATE jobs SET heartbeat_at = now()
+WHERE id = $1 AND run_lease = $2 AND state = 'running'";
+
+/// Heartbeat of many runs at once; returns the runs that still hold their lease.
+pub const HEARTBEAT_MANY: &str = "
+UPDATE jobs j SET heartbeat_at = now()
+FROM unnest($1::int8[], $2::int8[]) AS l(id, lease)
+WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running'
+RETURNING j.id, j.run_lease";
+
+/// Complete a run. Primary key; run_lease guard.
+pub const COMPLETE: &str = "
+UPDATE jobs SET state = 'completed', finalized_at = now()
+WHERE id = $1 AND run_lease = $2 AND state = 'running'";
+
+/// Fail a run: retryable with backoff while attempts remain, failed otherwise (or at once when
+/// $7 says the error is permanent). The error is appended to `errors`. Primary key; run_lease guard.
+pub const FAIL: &str = "
+UPDATE jobs SET
+    state = CASE WHEN $7 OR attempt >= max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
+    run_at = CASE WHEN $7 OR attempt >= max_attempts THEN run_at
+                  ELSE now() + retry_backoff(attempt, $3, $4, $5) END,
+    finalized_at = CASE WHEN $7 OR attempt >= max_attempts THEN now() END,
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempt, 'at', now(), 'reason', 'error', 'error', $6::text))
+WHERE id = $1 AND run_lease = $2 AND state = 'running'
+RETURNING state::text, run_at";
+
+/// Snooze a run: back to scheduled after a delay without using up an attempt.
+pub const SNOOZE: &str = "
+UPDATE jobs SET state = 'scheduled', attempt = attempt - 1,
+    run_at = now() + make_interval(secs => $3::float8 / 1000.0)
+WHERE id = $1 AND run_lease = $2 AND state = 'running'
+RETURNING run_at";
+
+/// Park a run until an external callback arrives or times out. Primary key; run_lease guard.
+pub const WAIT_FOR_CALLBACK: &str = "
+UPDATE jobs SET state = 'waiting_external', callback_id = gen_random_uuid(),
+    callback_timeout_at = now() + make_interval(secs => $3::float8 / 1000.0)
+WHERE id = $1 AND run_lease = $2 AND state = 'running'
+RETURNING callback_id";
+
+/// Resolve a callback as completed. Index: jobs_callback_id_idx. The state condition is
+/// re-checked under the row lock, so exactly one of resolve and the timeout rescue wins.
+pub const RESOLVE_CALLBACK_COMPLETE: &str = "
+UPDATE jobs SET state = 'completed', finalized_at = now(), callback_timeout_at = NULL
+WHERE callback_id = $1 AND state = 'waiting_external'
+RETURNING id";
+
+/// Resolve a callback as failed: same retry rule as FAIL. Index: jobs_callback_id_idx.
+pub const RESOLVE_CALLBACK_FAIL: &str = "
+UPDATE jobs SET
+    state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
+    run_at = CASE WHEN attempt >= max_attempts THEN run_at
+                  ELSE now() + retry_backoff(attempt, $2, $3, $4) END,
+    finalized_at = CASE WHEN attempt >= max_attempts THEN now() END,
+    callback_timeout_at = NULL,
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempt, 'at', now(), 'reason', 'callback_failed', 'error', $5::text))
+WHERE callback_id = $1 AND state = 'waiting_external'
+RETURNING id, state::text";
+
+/// Cancel a job that has not finished. Primary key.
+pub const CANCEL: &str = "
+UPDATE jobs SET state = 'cancelled', finalized_at = now(), callback_timeout_at = NULL
+WHERE id = $1 AND state NOT IN ('completed', 'failed', 'cancelled')";
+
+/// One job by id. Primary key.
+pub const GET: &str = "
+SELECT id, queue, kind, args, state::text, priority, original_priority, attempt, max_attempts,
+       run_lease, run_at, created_at, attempted_at, heartbeat_at, deadline_at, callback_id,
+       callback_timeout_at, finalized_at, unique_key, errors
+FROM jobs WHERE id = $1";
