@@ -1,0 +1,514 @@
+//! `cleanup`: finished jobs past their retention leave `jobs` for `job_archive` (or are deleted
+//! when `archive` is off), oldest first, in batches that are each one short fenced transaction.
+//!
+//! Retention is per final state, with optional per-queue overrides. Each (state, retention)
+//! pair is one group with its own statements: the state literal picks the state's partial index
+//! (range-scanned up to the group's cutoff), and the queue filter (`queue = ANY` for an
+//! override group, `queue <> ALL` of the overridden queues for the default group) is a filter
+//! on that scan. No index leads with the queue for finished jobs, so a short override scans
+//! past the rows of other queues that are older than it but not yet expired; with many such
+//! rows an index on (queue, finalized_at) per state would make override groups exact.
+//!
+//! An archiving batch first locks its candidates and learns which UTC days lack a partition,
+//! creates those (under [`crate::rotate_archive::LOCK_PARTITIONS`]), then moves exactly the
+//! locked rows. Moving the rows by id rather than repeating the candidate scan halves the scan
+//! cost and cannot pick different rows (another instance rolling back would release rows that
+//! sort first, whose days were not checked).
+
+use crate::rotate_archive::LOCK_PARTITIONS;
+use crate::{
+    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
+    Outcome,
+};
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+// The candidate statements. Parameters: $1 retention in seconds, $2 queues, $3 true to take
+// only the queues in $2 (an override group) or false to take every queue but them (the
+// default group), $4 batch size. `(queue = ANY('{}')) = false` holds for every queue.
+
+/// Locks up to $4 completed jobs past retention, oldest first, skipping rows other cleaners
+/// hold; returns their ids and the UTC days among them that have no archive partition yet.
+/// Index: jobs_completed_idx (range up to the cutoff).
+pub const LOCK_COMPLETED: &str = "
+WITH candidates AS MATERIALIZED (
+    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
+    WHERE state = 'completed' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
+       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
+        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+
+/// As [`LOCK_COMPLETED`] for failed jobs. Index: jobs_failed_idx.
+pub const LOCK_FAILED: &str = "
+WITH candidates AS MATERIALIZED (
+    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
+    WHERE state = 'failed' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
+       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
+        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+
+/// As [`LOCK_COMPLETED`] for cancelled jobs. Index: jobs_cancelled_idx.
+pub const LOCK_CANCELLED: &str = "
+WITH candidates AS MATERIALIZED (
+    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
+    WHERE state = 'cancelled' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
+       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
+        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+
+/// Creates the archive partitions of the days in $1 (run under [`LOCK_PARTITIONS`]).
+/// Catalog only.
+pub const CREATE_PARTITIONS: &str = "
+SELECT count(*) FILTER (WHERE create_archive_partition(day)) FROM unnest($1::date[]) AS day";
+
+/// Moves the jobs in $1 (locked by this transaction's candidate statement) to the archive.
+/// The archive keeps the priority the producer asked for; aging only changed claim order.
+/// The state re-check is defensive: locked rows cannot have changed. Index: jobs_pkey.
+pub const ARCHIVE: &str = "
+WITH gone AS (
+    DELETE FROM jobs
+    WHERE id = ANY($1::int8[]) AND state IN ('completed', 'failed', 'cancelled')
+    RETURNING id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+              created_at, attempted_at, finalized_at, unique_key, args, errors
+)
+INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts, run_at,
+                         created_at, attempted_at, finalized_at, unique_key, args, errors)
+SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+       created_at, attempted_at, finalized_at, unique_key, args, errors
+FROM gone";
+
+/// With `archive = false`: deletes up to $4 completed jobs past retention, oldest first,
+/// skipping rows other cleaners hold. Parameters as [`LOCK_COMPLETED`].
+/// Index: jobs_completed_idx, then jobs_pkey.
+pub const DELETE_COMPLETED: &str = "
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+    WHERE state = 'completed' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED)";
+
+/// As [`DELETE_COMPLETED`] for failed jobs. Index: jobs_failed_idx, then jobs_pkey.
+pub const DELETE_FAILED: &str = "
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+    WHERE state = 'failed' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED)";
+
+/// As [`DELETE_COMPLETED`] for cancelled jobs. Index: jobs_cancelled_idx, then jobs_pkey.
+pub const DELETE_CANCELLED: &str = "
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+    WHERE state = 'cancelled' AND finalized_at < now() - $1::float8 * interval '1 second'
+      AND (queue = ANY($2::text[])) = $3::bool
+    ORDER BY finalized_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED)";
+
+/// How long finished jobs stay in `jobs`, by final state.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    #[serde(with = "humantime_serde")]
+    pub completed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cancelled: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            completed: Duration::from_secs(24 * 3600),
+            failed: Duration::from_secs(72 * 3600),
+            cancelled: Duration::from_secs(72 * 3600),
+        }
+    }
+}
+
+/// A queue's own retention; states left out use [`Config::retention`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionOverride {
+    #[serde(with = "humantime_serde")]
+    pub completed: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub failed: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub cancelled: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch_size: i64,
+    /// Batches per (state, retention) group per run before yielding to the loop (the run then
+    /// asks to go again at once).
+    pub max_batches_per_run: u32,
+    /// Move finished jobs to `job_archive`; when false they are only deleted.
+    pub archive: bool,
+    pub retention: Retention,
+    /// Per-queue retention, e.g. `[branches.cleanup.queues.emails] completed = "1h"`.
+    pub queues: BTreeMap<String, RetentionOverride>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(30),
+            batch_size: 1000,
+            max_batches_per_run: 20,
+            archive: true,
+            retention: Retention::default(),
+            queues: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The longest retention of any state and queue.
+    pub fn longest_retention(&self) -> Duration {
+        let r = &self.retention;
+        self.queues
+            .values()
+            .flat_map(|q| [q.completed, q.failed, q.cancelled])
+            .flatten()
+            .chain([r.completed, r.failed, r.cancelled])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// Longest retention accepted: ten years keeps the interval arithmetic far from any limit.
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+fn check_retention(key: String, value: Duration) -> Result<(), InvalidConfig> {
+    // Zero would delete jobs the moment they finish: almost certainly a typo.
+    if value.is_zero() || value > MAX_RETENTION {
+        return Err(InvalidConfig::new(
+            key,
+            value,
+            "must be between 1ms and 3650 days",
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn validate(&self) -> Vec<InvalidConfig> {
+        let mut checks = vec![
+            check_interval("interval", self.interval),
+            check_batch("batch_size", self.batch_size),
+        ];
+        for state in Terminal::ALL {
+            checks.push(check_retention(
+                format!("retention.{}", state.as_str()),
+                state.default_retention(&self.retention),
+            ));
+        }
+        for (queue, retention) in &self.queues {
+            if queue.is_empty() {
+                checks.push(Err(InvalidConfig::new(
+                    "queues",
+                    queue,
+                    "queue names must not be empty",
+                )));
+            }
+            for state in Terminal::ALL {
+                if let Some(value) = state.overridden(retention) {
+                    checks.push(check_retention(
+                        format!("queues.{queue}.{}", state.as_str()),
+                        value,
+                    ));
+                }
+            }
+        }
+        let mut problems: Vec<InvalidConfig> = checks.into_iter().filter_map(Result::err).collect();
+        if self.max_batches_per_run == 0 {
+            problems.push(InvalidConfig::new(
+                "max_batches_per_run",
+                0,
+                "must be at least 1",
+            ));
+        }
+        problems
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Terminal {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Terminal {
+    const ALL: [Terminal; 3] = [Terminal::Completed, Terminal::Failed, Terminal::Cancelled];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Terminal::Completed => "completed",
+            Terminal::Failed => "failed",
+            Terminal::Cancelled => "cancelled",
+        }
+    }
+
+    fn default_retention(self, retention: &Retention) -> Duration {
+        match self {
+            Terminal::Completed => retention.completed,
+            Terminal::Failed => retention.failed,
+            Terminal::Cancelled => retention.cancelled,
+        }
+    }
+
+    fn overridden(self, retention: &RetentionOverride) -> Option<Duration> {
+        match self {
+            Terminal::Completed => retention.completed,
+            Terminal::Failed => retention.failed,
+            Terminal::Cancelled => retention.cancelled,
+        }
+    }
+
+    fn lock_sql(self) -> &'static str {
+        match self {
+            Terminal::Completed => LOCK_COMPLETED,
+            Terminal::Failed => LOCK_FAILED,
+            Terminal::Cancelled => LOCK_CANCELLED,
+        }
+    }
+
+    fn delete_sql(self) -> &'static str {
+        match self {
+            Terminal::Completed => DELETE_COMPLETED,
+            Terminal::Failed => DELETE_FAILED,
+            Terminal::Cancelled => DELETE_CANCELLED,
+        }
+    }
+}
+
+/// Jobs of one final state that share a retention: either the listed queues (`only`) or every
+/// queue but them.
+#[derive(Debug, Clone, PartialEq)]
+struct Group {
+    state: Terminal,
+    retention_secs: f64,
+    queues: Vec<String>,
+    only: bool,
+}
+
+/// One group per final state for the default retention, plus one per distinct overriding
+/// retention. Overrides equal to the default stay in the default group.
+fn groups(config: &Config) -> Vec<Group> {
+    let mut groups = Vec::new();
+    for state in Terminal::ALL {
+        let default = state.default_retention(&config.retention);
+        let mut by_retention: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for (queue, retention) in &config.queues {
+            match state.overridden(retention) {
+                Some(value) if value != default => {
+                    by_retention.entry(value).or_default().push(queue.clone())
+                }
+                _ => {}
+            }
+        }
+        groups.push(Group {
+            state,
+            retention_secs: default.as_secs_f64(),
+            queues: by_retention.values().flatten().cloned().collect(),
+            only: false,
+        });
+        groups.extend(by_retention.into_iter().map(|(value, queues)| Group {
+            state,
+            retention_secs: value.as_secs_f64(),
+            queues,
+            only: true,
+        }));
+    }
+    groups
+}
+
+pub struct Cleanup {
+    config: Config,
+    groups: Vec<Group>,
+}
+
+impl Cleanup {
+    pub fn new(config: Config) -> Self {
+        let groups = groups(&config);
+        Self { config, groups }
+    }
+}
+
+#[async_trait]
+impl Branch for Cleanup {
+    fn name(&self) -> &'static str {
+        "cleanup"
+    }
+
+    fn loop_kind(&self) -> LoopKind {
+        LoopKind::Hygiene
+    }
+
+    fn interval(&self) -> Duration {
+        self.config.interval
+    }
+
+    async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        let mut rows = 0;
+        let mut more_left = false;
+        for group in &self.groups {
+            for batch in 0..self.config.max_batches_per_run {
+                let (moved, full) = if self.config.archive {
+                    self.archive_batch(ctx, group).await?
+                } else {
+                    self.delete_batch(ctx, group).await?
+                };
+                rows += moved;
+                if !full {
+                    break;
+                }
+                more_left |= batch + 1 == self.config.max_batches_per_run;
+            }
+        }
+        Ok(Outcome {
+            rows,
+            run_again_in: more_left.then_some(Duration::ZERO),
+            observations: Vec::new(),
+        })
+    }
+}
+
+impl Cleanup {
+    /// One batch moved to the archive: (rows moved, whether the batch was full).
+    async fn archive_batch(
+        &self,
+        ctx: &mut BranchContext<'_>,
+        group: &Group,
+    ) -> Result<(u64, bool), BranchError> {
+        let tx = ctx.fenced().await?;
+        let row = tx
+            .query_one(
+                group.state.lock_sql(),
+                &[
+                    &group.retention_secs,
+                    &group.queues,
+                    &group.only,
+                    &self.config.batch_size,
+                ],
+            )
+            .await?;
+        let ids: Vec<i64> = row.get(0);
+        let missing_days: Vec<NaiveDate> = row.get(1);
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok((0, false));
+        }
+        if !missing_days.is_empty() {
+            tx.execute(LOCK_PARTITIONS, &[]).await?;
+            tx.execute(CREATE_PARTITIONS, &[&missing_days]).await?;
+        }
+        let moved = tx.execute(ARCHIVE, &[&ids]).await?;
+        tx.commit().await?;
+        Ok((moved, ids.len() as i64 >= self.config.batch_size))
+    }
+
+    /// One batch deleted without archiving: (rows deleted, whether the batch was full).
+    async fn delete_batch(
+        &self,
+        ctx: &mut BranchContext<'_>,
+        group: &Group,
+    ) -> Result<(u64, bool), BranchError> {
+        let tx = ctx.fenced().await?;
+        let deleted = tx
+            .execute(
+                group.state.delete_sql(),
+                &[
+                    &group.retention_secs,
+                    &group.queues,
+                    &group.only,
+                    &self.config.batch_size,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((deleted, deleted as i64 >= self.config.batch_size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_form_groups_and_leave_the_default_group_the_rest() {
+        let mut config = Config::default();
+        let hour = Duration::from_secs(3600);
+        config.queues.insert(
+            "emails".into(),
+            RetentionOverride {
+                completed: Some(hour),
+                failed: Some(Duration::from_secs(72 * 3600)), // same as the default
+                cancelled: None,
+            },
+        );
+        config.queues.insert(
+            "sms".into(),
+            RetentionOverride {
+                completed: Some(hour),
+                ..RetentionOverride::default()
+            },
+        );
+        let groups = groups(&config);
+        let completed: Vec<&Group> = groups
+            .iter()
+            .filter(|g| g.state == Terminal::Completed)
+            .collect();
+        assert_eq!(completed.len(), 2);
+        assert_eq!(
+            (completed[0].only, completed[0].queues.clone()),
+            (false, vec!["emails".into(), "sms".into()])
+        );
+        assert_eq!(
+            (completed[1].only, completed[1].retention_secs),
+            (true, 3600.0)
+        );
+        assert_eq!(
+            completed[1].queues,
+            vec!["emails".to_owned(), "sms".to_owned()]
+        );
+        // failed: the override equals the default, so one group covering every queue.
+        let failed: Vec<&Group> = groups
+            .iter()
+            .filter(|g| g.state == Terminal::Failed)
+            .collect();
+        assert_eq!(failed.len(), 1);
+        assert!(!failed[0].only && failed[0].queues.is_empty());
+    }
+}

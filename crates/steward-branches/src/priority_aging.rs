@@ -1,0 +1,138 @@
+//! `priority_aging`: available jobs that have waited gain priority, one level per `age_step`
+//! of waiting (since `run_at`), down to 1: priority = max(1, original_priority − ⌊wait /
+//! age_step⌋). Only rows above that target change, so a pass repeated at once changes nothing.
+//! Batches of `batch_size`, oldest first, each one short fenced transaction.
+
+use crate::{
+    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
+    Outcome,
+};
+use async_trait::async_trait;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Raises up to $2 available jobs whose priority is above their target for an age step of $1
+/// seconds, oldest first, skipping rows other agers or claimers hold (a claimed row is re-checked
+/// and dropped once it is no longer available). A job ages at the earliest one step after
+/// run_at, so `run_at <= now() − step` bounds the index range; rows in it already at their
+/// target are filtered. Index: jobs_aging_idx.
+pub const AGE: &str = "
+WITH due AS (
+    SELECT id FROM jobs
+    WHERE state = 'available' AND priority > 1
+      AND run_at <= now() - $1::float8 * interval '1 second'
+      AND priority > original_priority
+                     - floor(extract(epoch FROM now() - run_at)::float8 / $1::float8)
+    ORDER BY run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j
+SET priority = greatest(
+    1, j.original_priority - floor(extract(epoch FROM now() - j.run_at)::float8 / $1::float8)
+)::smallint
+FROM due
+WHERE j.id = due.id";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch_size: i64,
+    /// Batches per run before yielding to the loop (the run then asks to go again at once).
+    pub max_batches_per_run: u32,
+    /// Waiting this long raises a job's priority by one level.
+    #[serde(with = "humantime_serde")]
+    pub age_step: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+            max_batches_per_run: 10,
+            age_step: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Vec<InvalidConfig> {
+        let mut problems: Vec<InvalidConfig> = [
+            check_interval("interval", self.interval),
+            check_batch("batch_size", self.batch_size),
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+        if self.max_batches_per_run == 0 {
+            problems.push(InvalidConfig::new(
+                "max_batches_per_run",
+                0,
+                "must be at least 1",
+            ));
+        }
+        // Below a second, priorities would collapse to 1 almost at once: aging would be moot.
+        if self.age_step < Duration::from_secs(1) || self.age_step > Duration::from_secs(7 * 86_400)
+        {
+            problems.push(InvalidConfig::new(
+                "age_step",
+                self.age_step,
+                "must be between 1s and 7 days",
+            ));
+        }
+        problems
+    }
+}
+
+pub struct PriorityAging {
+    config: Config,
+}
+
+impl PriorityAging {
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+}
+
+#[async_trait]
+impl Branch for PriorityAging {
+    fn name(&self) -> &'static str {
+        "priority_aging"
+    }
+
+    fn loop_kind(&self) -> LoopKind {
+        LoopKind::Hygiene
+    }
+
+    fn interval(&self) -> Duration {
+        self.config.interval
+    }
+
+    async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        let step_secs = self.config.age_step.as_secs_f64();
+        let mut rows = 0;
+        let mut more_left = false;
+        for batch in 0..self.config.max_batches_per_run {
+            let tx = ctx.fenced().await?;
+            let aged = tx
+                .execute(AGE, &[&step_secs, &self.config.batch_size])
+                .await?;
+            tx.commit().await?;
+            rows += aged;
+            if (aged as i64) < self.config.batch_size {
+                break;
+            }
+            more_left = batch + 1 == self.config.max_batches_per_run;
+        }
+        Ok(Outcome {
+            rows,
+            run_again_in: more_left.then_some(Duration::ZERO),
+            observations: Vec::new(),
+        })
+    }
+}

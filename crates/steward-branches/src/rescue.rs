@@ -1,0 +1,284 @@
+//! Shared by the three rescue branches: the retry settings, the SET clause every rescue applies
+//! (one macro, so the three statements cannot drift apart), and the batch loop.
+//!
+//! A rescue treats the expiry like a failed attempt, the way the client's `FAIL` does: the job
+//! becomes `retryable` after `retry_backoff`, or `failed` once its attempts are used up, and an
+//! entry `{attempt, at, reason, error}` is appended to `errors`.
+
+use crate::{
+    check_batch, check_interval, BranchContext, BranchError, InvalidConfig, Observation, Outcome,
+    RescueReason,
+};
+use serde::Deserialize;
+use std::time::Duration;
+use steward_queue::RetryPolicy;
+use tokio_postgres::types::ToSql;
+
+/// Builds a rescue statement: `$1` is the batch size and `$2..$4` the `retry_backoff`
+/// parameters (base ms, max ms, jitter); further parameters belong to `$pick`.
+///
+/// `$pick` is the rest of the picking query after `SELECT id FROM jobs WHERE`: the state
+/// literal, the expiry predicate and the ORDER BY of the branch's partial index. `$error` is
+/// an SQL text expression over the old row (`j`). `$set` adds assignments (with a leading
+/// comma) for columns the state change must also clear.
+///
+/// The row lock taken in `picked` re-checks the state and the predicate against the newest row
+/// version, so a row that a worker, a callback resolver or another rescuer changed meanwhile
+/// drops out, and rows others hold are skipped rather than waited for.
+macro_rules! rescue_statement {
+    (pick: $pick:literal, reason: $reason:literal, error: $error:literal, set: $set:literal $(,)?) => {
+        concat!(
+            "
+WITH picked AS (
+    SELECT id FROM jobs
+    WHERE ",
+            $pick,
+            "
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET
+    state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
+    run_at = CASE WHEN j.attempt >= j.max_attempts THEN j.run_at
+                  ELSE now() + retry_backoff(j.attempt, $2, $3, $4) END,
+    finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', now(), 'reason', '",
+            $reason,
+            "', 'error', ",
+            $error,
+            "))",
+            $set,
+            "
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.state::text"
+        )
+    };
+}
+pub(crate) use rescue_statement;
+
+/// Retry backoff applied to rescued jobs, as `retry_backoff` takes it. Defaults to the
+/// client's [`RetryPolicy::default`], so a rescued attempt backs off like a failed one.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Delay after the first attempt; doubles with each further attempt.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// The delay never exceeds this (before jitter).
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// +/- this fraction of the delay, so that jobs rescued together do not return together.
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let policy = RetryPolicy::default();
+        Self {
+            base: policy.base,
+            max: policy.max,
+            jitter: policy.jitter,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: self.base,
+            max: self.max,
+            jitter: self.jitter,
+        }
+    }
+
+    /// Problems keyed `retry.*`.
+    pub fn validate(&self) -> Vec<InvalidConfig> {
+        // Past this, make_interval's seconds get silly and a "retry" is really a park.
+        const LONGEST: Duration = Duration::from_secs(30 * 86_400);
+        let mut problems = Vec::new();
+        if self.base.is_zero() || self.base > LONGEST {
+            problems.push(InvalidConfig::new(
+                "retry.base",
+                self.base,
+                "must be between 1ms and 30 days",
+            ));
+        }
+        if self.max < self.base || self.max > LONGEST {
+            problems.push(InvalidConfig::new(
+                "retry.max",
+                self.max,
+                "must be at least retry.base and at most 30 days",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            problems.push(InvalidConfig::new(
+                "retry.jitter",
+                self.jitter,
+                "must be between 0 and 1",
+            ));
+        }
+        problems
+    }
+}
+
+/// Checks the settings every rescue has besides interval and batch size.
+pub fn check_common(
+    max_batches_per_run: u32,
+    quiet_period: Duration,
+    retry: &RetryConfig,
+) -> Vec<InvalidConfig> {
+    let mut problems = Vec::new();
+    if max_batches_per_run == 0 {
+        problems.push(InvalidConfig::new(
+            "max_batches_per_run",
+            0,
+            "must be at least 1",
+        ));
+    }
+    if quiet_period > Duration::from_secs(86_400) {
+        problems.push(InvalidConfig::new(
+            "quiet_period",
+            quiet_period,
+            "must be at most 24h",
+        ));
+    }
+    problems.extend(retry.validate());
+    problems
+}
+
+/// One rescue pass: `statement` (built by [`rescue_statement!`]) in batches, each its own
+/// fenced transaction, until a batch comes back short or `max_batches` have run.
+pub async fn run_batches(
+    ctx: &mut BranchContext<'_>,
+    statement: &str,
+    reason: RescueReason,
+    batch_size: i64,
+    max_batches: u32,
+    retry: &RetryConfig,
+    extra: &[&(dyn ToSql + Sync)],
+) -> Result<Outcome, BranchError> {
+    let (base_ms, max_ms, jitter) = retry.policy().sql_params();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&batch_size, &base_ms, &max_ms, &jitter];
+    params.extend_from_slice(extra);
+
+    let (mut retried, mut failed) = (0u64, 0u64);
+    let mut more_left = false;
+    for batch in 0..max_batches {
+        let tx = ctx.fenced().await?;
+        let rows = tx.query(statement, &params).await?;
+        tx.commit().await?;
+        for row in &rows {
+            if row.get::<_, &str>(1) == "failed" {
+                failed += 1;
+            } else {
+                retried += 1;
+            }
+        }
+        if (rows.len() as i64) < batch_size {
+            break;
+        }
+        more_left = batch + 1 == max_batches;
+    }
+
+    let rows = retried + failed;
+    let observations = if rows == 0 {
+        Vec::new()
+    } else {
+        vec![Observation::Rescued {
+            reason,
+            retried,
+            failed,
+        }]
+    };
+    Ok(Outcome {
+        rows,
+        run_again_in: more_left.then_some(Duration::ZERO),
+        observations,
+    })
+}
+
+/// Settings of the rescues that act on an expired time (deadlines, callback timeouts).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpiryRescueConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch_size: i64,
+    /// Batches per run before yielding to the loop (the run then asks to go again at once).
+    pub max_batches_per_run: u32,
+    /// How long the leader holds this branch back after a term starts or the database comes
+    /// back, so that workers and callers who could not reach it during an outage get a chance to.
+    #[serde(with = "humantime_serde")]
+    pub quiet_period: Duration,
+    pub retry: RetryConfig,
+}
+
+impl Default for ExpiryRescueConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            batch_size: 1000,
+            max_batches_per_run: 10,
+            quiet_period: Duration::from_secs(30),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl ExpiryRescueConfig {
+    pub fn validate(&self) -> Vec<InvalidConfig> {
+        let mut problems: Vec<InvalidConfig> = [
+            check_interval("interval", self.interval),
+            check_batch("batch_size", self.batch_size),
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+        problems.extend(check_common(
+            self.max_batches_per_run,
+            self.quiet_period,
+            &self.retry,
+        ));
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = rescue_statement!(
+        pick: "state = 'running' AND x ORDER BY y, id",
+        reason: "sample",
+        error: "'boom'",
+        set: ",\n    extra = NULL",
+    );
+
+    #[test]
+    fn the_statement_keeps_the_shape_the_partial_indexes_need() {
+        assert!(SAMPLE.contains("WHERE state = 'running' AND x ORDER BY y, id\n    LIMIT $1"));
+        assert!(SAMPLE.contains("'reason', 'sample', 'error', 'boom'))"));
+        assert!(SAMPLE.contains("'boom')),\n    extra = NULL\nFROM picked"));
+        assert!(SAMPLE.ends_with("RETURNING j.id, j.state::text"));
+    }
+
+    #[test]
+    fn retry_defaults_follow_the_client_and_problems_are_keyed() {
+        assert_eq!(RetryConfig::default().policy(), RetryPolicy::default());
+        assert_eq!(RetryConfig::default().validate(), vec![]);
+        let bad = RetryConfig {
+            base: Duration::ZERO,
+            max: Duration::from_secs(86_400 * 365),
+            jitter: 1.5,
+        };
+        let keys: Vec<String> = bad.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["retry.base", "retry.max", "retry.jitter"]);
+        let problems = check_common(0, Duration::from_secs(100_000), &RetryConfig::default());
+        let keys: Vec<String> = problems.into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["max_batches_per_run", "quiet_period"]);
+    }
+}

@@ -1,0 +1,68 @@
+//! `rescue_expired_deadlines`: running jobs past their deadline (claim time + `run_timeout`).
+//!
+//! Such a job becomes `retryable` with the usual backoff, or `failed` once its attempts are used
+//! up, with a `deadline_expired` entry in its errors. Its worker, if still running it, loses its
+//! lease: the run is no longer `running`, and a new claim changes `run_lease`.
+
+use crate::rescue::{self, rescue_statement};
+use crate::{Branch, BranchContext, BranchError, LoopKind, Outcome, RescueReason};
+use async_trait::async_trait;
+use std::time::Duration;
+
+pub use crate::rescue::RetryConfig;
+
+/// Running jobs whose deadline has passed, earliest first. Index: jobs_running_deadline_idx
+/// (`deadline_at <= now()` implies its `deadline_at IS NOT NULL`). $1 batch size; $2, $3, $4
+/// the retry_backoff base (ms), max (ms) and jitter.
+pub const RESCUE: &str = rescue_statement!(
+    pick: "state = 'running' AND deadline_at <= now()
+    ORDER BY deadline_at, id",
+    reason: "deadline_expired",
+    error: "format('the run did not finish by its deadline (%s)', j.deadline_at)",
+    set: "",
+);
+
+/// See [`crate::ExpiryRescueConfig`].
+pub type Config = crate::rescue::ExpiryRescueConfig;
+
+pub struct RescueExpiredDeadlines {
+    config: Config,
+}
+
+impl RescueExpiredDeadlines {
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+}
+
+#[async_trait]
+impl Branch for RescueExpiredDeadlines {
+    fn name(&self) -> &'static str {
+        "rescue_expired_deadlines"
+    }
+
+    fn loop_kind(&self) -> LoopKind {
+        LoopKind::Slo
+    }
+
+    fn interval(&self) -> Duration {
+        self.config.interval
+    }
+
+    fn quiet_period(&self) -> Option<Duration> {
+        Some(self.config.quiet_period)
+    }
+
+    async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        rescue::run_batches(
+            ctx,
+            RESCUE,
+            RescueReason::Deadline,
+            self.config.batch_size,
+            self.config.max_batches_per_run,
+            &self.config.retry,
+            &[],
+        )
+        .await
+    }
+}
