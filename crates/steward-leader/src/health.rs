@@ -1,0 +1,192 @@
+//! What this instance knows about its own state: leadership, loops, and per-branch health.
+//! It is an [`Observer`]; `/healthz` reads it, and the leader flushes it into `branch_health`
+//! for `steward status` on any host.
+
+use crate::observe::{BranchRun, LeadershipEvent, Observer};
+use crate::tracker::OverrunState;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BranchHealth {
+    pub branch: String,
+    pub loop_kind: String,
+    pub epoch: i64,
+    #[serde(with = "system_time_secs")]
+    pub last_run_at: SystemTime,
+    pub last_duration: Duration,
+    pub last_start_delay: Duration,
+    pub last_rows: u64,
+    #[serde(with = "opt_system_time_secs")]
+    pub last_success_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    #[serde(with = "opt_system_time_secs")]
+    pub last_error_at: Option<SystemTime>,
+    pub overrun: OverrunState,
+    pub overrun_episodes: u64,
+    pub runs: u64,
+    pub errors: u64,
+    /// Changed since the last flush to the database.
+    #[serde(skip)]
+    pub dirty: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HealthSnapshot {
+    pub is_leader: bool,
+    pub epoch: Option<i64>,
+    pub branches: Vec<BranchHealth>,
+    /// Time since each loop last finished an iteration in the current term.
+    pub loops: BTreeMap<String, Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    is_leader: bool,
+    epoch: Option<i64>,
+    branches: BTreeMap<&'static str, BranchHealth>,
+    loops: BTreeMap<String, Instant>,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone, Default)]
+pub struct HealthRegistry(Arc<Mutex<State>>);
+
+impl HealthRegistry {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means an observer panicked mid-update; the data is still usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> HealthSnapshot {
+        let state = self.state();
+        HealthSnapshot {
+            is_leader: state.is_leader,
+            epoch: state.epoch,
+            branches: state.branches.values().cloned().collect(),
+            loops: state
+                .loops
+                .iter()
+                .map(|(k, v)| (k.clone(), v.elapsed()))
+                .collect(),
+        }
+    }
+
+    /// Branches changed since the last call, marking them clean.
+    pub fn take_dirty(&self) -> Vec<BranchHealth> {
+        let mut state = self.state();
+        state
+            .branches
+            .values_mut()
+            .filter(|b| b.dirty)
+            .map(|b| {
+                b.dirty = false;
+                b.clone()
+            })
+            .collect()
+    }
+
+    /// True when every loop of the current term finished an iteration within `limit`
+    /// (trivially true for a standby).
+    pub fn loops_progressing(&self, limit: Duration) -> bool {
+        let state = self.state();
+        !state.is_leader || state.loops.values().all(|at| at.elapsed() <= limit)
+    }
+}
+
+impl Observer for HealthRegistry {
+    fn branch_run(&self, run: &BranchRun<'_>) {
+        let mut state = self.state();
+        // Reports from a task of an older term must not overwrite a newer term's state.
+        if state.epoch.is_some_and(|e| e > run.epoch) {
+            return;
+        }
+        let ok = run.result.error_message().is_none();
+        let entry = state
+            .branches
+            .entry(run.branch)
+            .or_insert_with(|| BranchHealth {
+                branch: run.branch.to_owned(),
+                loop_kind: run.loop_kind.as_str().to_owned(),
+                epoch: run.epoch,
+                last_run_at: run.started_at,
+                last_duration: run.duration,
+                last_start_delay: run.start_delay,
+                last_rows: 0,
+                last_success_at: None,
+                last_error: None,
+                last_error_at: None,
+                overrun: run.overrun,
+                overrun_episodes: 0,
+                runs: 0,
+                errors: 0,
+                dirty: true,
+            });
+        entry.epoch = run.epoch;
+        entry.last_run_at = run.started_at;
+        entry.last_duration = run.duration;
+        entry.last_start_delay = run.start_delay;
+        entry.last_rows = run.rows;
+        entry.overrun = run.overrun;
+        entry.overrun_episodes = run.overrun_episodes;
+        entry.runs += 1;
+        if ok {
+            entry.last_success_at = Some(run.started_at + run.duration);
+        } else {
+            entry.errors += 1;
+            entry.last_error = run.result.error_message();
+            entry.last_error_at = Some(run.started_at + run.duration);
+        }
+        entry.dirty = true;
+    }
+
+    fn leadership(&self, event: &LeadershipEvent) {
+        let mut state = self.state();
+        match event {
+            LeadershipEvent::Acquired { epoch } => {
+                state.is_leader = true;
+                state.epoch = Some(*epoch);
+                state.loops.clear();
+            }
+            LeadershipEvent::Lost { epoch, .. } | LeadershipEvent::SteppedDown { epoch } => {
+                if state.epoch == Some(*epoch) {
+                    state.is_leader = false;
+                    state.loops.clear();
+                }
+            }
+        }
+    }
+
+    fn loop_progress(&self, loop_name: &str, epoch: i64) {
+        let mut state = self.state();
+        if state.epoch == Some(epoch) {
+            state.loops.insert(loop_name.to_owned(), Instant::now());
+        }
+    }
+}
+
+mod system_time_secs {
+    pub fn serialize<S: serde::Serializer>(
+        t: &std::time::SystemTime,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        s.serialize_f64(secs)
+    }
+}
+
+mod opt_system_time_secs {
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<std::time::SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => super::system_time_secs::serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The one interface through which the leader reports what it does. Telemetry (metrics,
+//! traces), the health registry behind `/healthz` and `steward status`, and tests implement
+//! [`Observer`]; the leader itself knows nothing of how reports are exported.
+
+use crate::tracker::{OverrunState, Transition};
+use std::time::{Duration, SystemTime};
+use steward_branches::{LoopKind, Observation};
+
+/// How the branches are spread over tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopMode {
+    /// SLO branches on one task and connection, hygiene on another.
+    #[default]
+    Split,
+    /// Every branch on one task and connection, one `select!`.
+    Monolithic,
+}
+
+impl LoopMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopMode::Split => "split",
+            LoopMode::Monolithic => "monolithic",
+        }
+    }
+}
+
+impl std::str::FromStr for LoopMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "split" => Ok(LoopMode::Split),
+            "monolithic" => Ok(LoopMode::Monolithic),
+            other => Err(format!(
+                "unknown loop mode {other:?}: use split or monolithic"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunResult {
+    Ok,
+    /// The statement or lock timeout fired.
+    Timeout(String),
+    Error(String),
+    /// The branch panicked; the loop caught it and goes on.
+    Panicked(String),
+    /// The term ended during the pass; nothing after the fence was committed.
+    Fenced,
+}
+
+impl RunResult {
+    /// The `outcome` label: ok, error or timeout.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            RunResult::Ok => "ok",
+            RunResult::Timeout(_) => "timeout",
+            RunResult::Error(_) | RunResult::Panicked(_) | RunResult::Fenced => "error",
+        }
+    }
+
+    pub fn error_message(&self) -> Option<String> {
+        match self {
+            RunResult::Ok => None,
+            RunResult::Timeout(e) => Some(format!("timeout: {e}")),
+            RunResult::Error(e) => Some(e.clone()),
+            RunResult::Panicked(e) => Some(format!("panicked: {e}")),
+            RunResult::Fenced => Some("fenced: the leadership term ended".to_owned()),
+        }
+    }
+}
+
+/// One branch pass, as the loop saw it.
+#[derive(Debug, Clone)]
+pub struct BranchRun<'a> {
+    pub branch: &'static str,
+    pub loop_kind: LoopKind,
+    pub mode: LoopMode,
+    pub epoch: i64,
+    pub interval: Duration,
+    pub started_at: SystemTime,
+    /// Actual start minus the time the pass was due.
+    pub start_delay: Duration,
+    pub duration: Duration,
+    pub rows: u64,
+    pub result: RunResult,
+    pub observations: &'a [Observation],
+    pub overrun: OverrunState,
+    pub transition: Transition,
+    pub overrun_episodes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeadershipEvent {
+    Acquired {
+        epoch: i64,
+    },
+    /// The term ended without our choosing (connection lost, probe failed, superseded).
+    Lost {
+        epoch: i64,
+        reason: String,
+    },
+    /// We gave leadership up (shutdown).
+    SteppedDown {
+        epoch: i64,
+    },
+}
+
+pub trait Observer: Send + Sync + 'static {
+    fn branch_run(&self, _run: &BranchRun<'_>) {}
+    fn leadership(&self, _event: &LeadershipEvent) {}
+    /// A loop task died outside any branch (a bug) and was restarted.
+    fn loop_restarted(&self, _loop_name: &str, _reason: &str) {}
+    /// A loop finished an iteration (used for liveness).
+    fn loop_progress(&self, _loop_name: &str, _epoch: i64) {}
+}
+
+/// Fan-out to several observers.
+#[derive(Clone, Default)]
+pub struct Observers(Vec<std::sync::Arc<dyn Observer>>);
+
+impl Observers {
+    pub fn new(observers: Vec<std::sync::Arc<dyn Observer>>) -> Self {
+        Self(observers)
+    }
+
+    pub fn push(&mut self, observer: std::sync::Arc<dyn Observer>) {
+        self.0.push(observer);
+    }
+}
+
+impl Observer for Observers {
+    fn branch_run(&self, run: &BranchRun<'_>) {
+        self.0.iter().for_each(|o| o.branch_run(run));
+    }
+    fn leadership(&self, event: &LeadershipEvent) {
+        self.0.iter().for_each(|o| o.leadership(event));
+    }
+    fn loop_restarted(&self, loop_name: &str, reason: &str) {
+        self.0
+            .iter()
+            .for_each(|o| o.loop_restarted(loop_name, reason));
+    }
+    fn loop_progress(&self, loop_name: &str, epoch: i64) {
+        self.0
+            .iter()
+            .for_each(|o| o.loop_progress(loop_name, epoch));
+    }
+}

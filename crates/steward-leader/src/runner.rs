@@ -1,0 +1,384 @@
+//! One maintenance loop: a task with its own work connection that runs a set of branches, each
+//! when it is due. Split mode runs two of these (SLO and hygiene), monolithic mode one with
+//! every branch; the branches cannot tell the difference.
+//!
+//! The loop waits (one `select!`) for the earliest due branch, a NOTIFY that makes a branch
+//! due at once, or the end of the term. It checks the term before every branch start, so once
+//! the term ends no further branch starts. A branch error or panic is logged, reported and
+//! retried on its next tick; it never stops the loop.
+
+use crate::observe::{BranchRun, LoopMode, Observer, RunResult};
+use crate::tracker::{OverrunTracker, Transition};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use steward_branches::{Branch, BranchContext, BranchError, Outcome};
+use steward_schema::SchemaName;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// When the database was last (re)gained: the start of the term, a reconnect, or the end of a
+/// stall. Rescue branches hold off for their quiet period after it.
+#[derive(Clone)]
+pub struct ContactMonitor(Arc<Mutex<Instant>>);
+
+impl ContactMonitor {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    pub fn restored_now(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    pub fn anchor(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for ContactMonitor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a term tells its loops to stop: at once when leadership is lost, after a grace period
+/// for the running statement on shutdown.
+#[derive(Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    grace_ms: Arc<AtomicU64>,
+}
+
+impl StopSignal {
+    pub fn stop(&self, grace: Duration) {
+        self.grace_ms
+            .store(grace.as_millis() as u64, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+
+    fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms.load(Ordering::SeqCst))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopExit {
+    /// The term told the loop to stop.
+    Stopped,
+    /// A branch found a newer term in the database: this term is over.
+    Superseded,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+pub struct LoopTask {
+    pub name: &'static str,
+    pub branches: Vec<Arc<dyn Branch>>,
+    pub mode: LoopMode,
+    pub epoch: i64,
+    pub db: tokio_postgres::Config,
+    pub tls: steward_schema::Tls,
+    pub schema: SchemaName,
+    pub stop: StopSignal,
+    pub observer: Arc<dyn Observer>,
+    pub contact: ContactMonitor,
+    pub settings: LoopSettings,
+}
+
+struct Slot {
+    branch: Arc<dyn Branch>,
+    due: Instant,
+    tracker: OverrunTracker,
+    wake_channel: Option<String>,
+}
+
+struct Connection {
+    client: Client,
+    notifications: UnboundedReceiver<String>,
+}
+
+impl LoopTask {
+    pub async fn run(self) -> LoopExit {
+        let start = Instant::now();
+        let mut slots: Vec<Slot> = self
+            .branches
+            .iter()
+            .map(|branch| Slot {
+                branch: branch.clone(),
+                due: start,
+                tracker: OverrunTracker::default(),
+                wake_channel: branch.wake_channel(&self.schema),
+            })
+            .collect();
+        let mut connection: Option<Connection> = None;
+        let mut backoff = self.settings.reconnect_min;
+        let mut first_pass = true;
+        loop {
+            if self.stop.is_stopped() {
+                return LoopExit::Stopped;
+            }
+            let Some(conn) = connection.as_mut() else {
+                match self.connect(&slots).await {
+                    Ok(c) => {
+                        connection = Some(c);
+                        backoff = self.settings.reconnect_min;
+                    }
+                    Err(error) => {
+                        tracing::warn!(loop_name = self.name, %error, retry_in = ?backoff, "maintenance loop cannot reach the database");
+                        tokio::select! {
+                            _ = self.stop.stopped() => return LoopExit::Stopped,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.settings.reconnect_max);
+                    }
+                }
+                continue;
+            };
+
+            let anchor = self.contact.anchor();
+            let Some((index, due)) = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, effective_due(s, anchor)))
+                .min_by_key(|(_, due)| *due)
+            else {
+                // No branches: just wait for the end of the term.
+                self.stop.stopped().await;
+                return LoopExit::Stopped;
+            };
+
+            tokio::select! {
+                biased;
+                _ = self.stop.stopped() => return LoopExit::Stopped,
+                notification = conn.notifications.recv() => {
+                    match notification {
+                        Some(channel) => {
+                            let now = Instant::now();
+                            for slot in slots.iter_mut().filter(|s| s.wake_channel.as_deref() == Some(channel.as_str())) {
+                                slot.due = slot.due.min(now);
+                            }
+                        }
+                        None => {
+                            tracing::warn!(loop_name = self.name, "work connection closed; reconnecting");
+                            connection = None;
+                            self.contact.restored_now();
+                        }
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+            // The term may have ended while we slept: no branch starts after that.
+            if self.stop.is_stopped() {
+                return LoopExit::Stopped;
+            }
+
+            let slot = &mut slots[index];
+            let started = Instant::now();
+            let started_at = SystemTime::now();
+            let start_delay = started.saturating_duration_since(due);
+            let branch = slot.branch.clone();
+            // One span per pass (exported over OTLP when configured).
+            let span = tracing::info_span!(
+                "maintenance_branch",
+                otel.name = branch.name(),
+                branch = branch.name(),
+                "loop" = branch.loop_kind().as_str(),
+                mode = self.mode.as_str(),
+                epoch = self.epoch,
+                rows = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
+            let result = {
+                let cancel_db = conn.client.cancel_token();
+                let mut ctx = BranchContext {
+                    client: &mut conn.client,
+                    epoch: self.epoch,
+                    timeouts: branch.timeouts(),
+                };
+                let pass =
+                    AssertUnwindSafe(branch.run(&mut ctx).instrument(span.clone())).catch_unwind();
+                tokio::pin!(pass);
+                tokio::select! {
+                    result = &mut pass => result,
+                    _ = self.stop.stopped() => {
+                        match tokio::time::timeout(self.stop.grace(), &mut pass).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                // Cancel the statement server-side; the fence keeps a late commit out anyway.
+                                let tls = self.tls.clone();
+                                tokio::spawn(async move { let _ = steward_schema::cancel_query(cancel_db, &tls).await; });
+                                tracing::info!(loop_name = self.name, branch = branch.name(), "cancelled the running statement: the term ended");
+                                return LoopExit::Stopped;
+                            }
+                        }
+                    }
+                }
+            };
+            let duration = started.elapsed();
+
+            let (run_result, outcome, lost_connection) = classify(result);
+            span.record("rows", outcome.rows);
+            span.record("outcome", run_result.outcome());
+            drop(span);
+            let transition = slot
+                .tracker
+                .observe(duration, start_delay, branch.interval());
+            self.log_pass(&*branch, &run_result, transition, duration, start_delay);
+            self.observer.branch_run(&BranchRun {
+                branch: branch.name(),
+                loop_kind: branch.loop_kind(),
+                mode: self.mode,
+                epoch: self.epoch,
+                interval: branch.interval(),
+                started_at,
+                start_delay,
+                duration,
+                rows: outcome.rows,
+                result: run_result.clone(),
+                observations: &outcome.observations,
+                overrun: slot.tracker.state(),
+                transition,
+                overrun_episodes: slot.tracker.episodes(),
+            });
+            self.observer.loop_progress(self.name, self.epoch);
+            if first_pass {
+                first_pass = false;
+                // Failover is measured from the old leader's death to this line on the new one.
+                tracing::info!(
+                    loop_name = self.name,
+                    branch = branch.name(),
+                    epoch = self.epoch,
+                    "first branch pass of the term"
+                );
+            }
+
+            let interval = branch.interval();
+            let wait = outcome.run_again_in.map_or(interval, |d| d.min(interval));
+            slot.due = started + wait;
+            if run_result == RunResult::Fenced {
+                return LoopExit::Superseded;
+            }
+            if lost_connection {
+                connection = None;
+                self.contact.restored_now();
+            }
+        }
+    }
+
+    async fn connect(&self, slots: &[Slot]) -> Result<Connection, String> {
+        let (client, notifications) = steward_schema::connect_listening_with(&self.db, &self.tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut channels: Vec<&str> = slots
+            .iter()
+            .filter_map(|s| s.wake_channel.as_deref())
+            .collect();
+        channels.sort();
+        channels.dedup();
+        for channel in channels {
+            // Channel names derive from the validated schema name: plain identifiers.
+            client
+                .batch_execute(&format!("LISTEN {channel}"))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Connection {
+            client,
+            notifications,
+        })
+    }
+
+    fn log_pass(
+        &self,
+        branch: &dyn Branch,
+        result: &RunResult,
+        transition: Transition,
+        duration: Duration,
+        start_delay: Duration,
+    ) {
+        let name = branch.name();
+        match result {
+            RunResult::Ok | RunResult::Fenced => {}
+            RunResult::Timeout(e) => {
+                tracing::warn!(branch = name, loop_name = self.name, error = %e, "branch timed out; retrying on its next tick")
+            }
+            RunResult::Error(e) => {
+                tracing::error!(branch = name, loop_name = self.name, error = %e, "branch failed; retrying on its next tick")
+            }
+            RunResult::Panicked(e) => {
+                tracing::error!(branch = name, loop_name = self.name, panic = %e, "branch panicked; retrying on its next tick")
+            }
+        }
+        match transition {
+            Transition::BecameDelayed => tracing::warn!(
+                branch = name,
+                loop_name = self.name,
+                duration_ms = duration.as_secs_f64() * 1000.0,
+                start_delay_ms = start_delay.as_secs_f64() * 1000.0,
+                interval_ms = branch.interval().as_secs_f64() * 1000.0,
+                "maintenance branch is overrunning its interval"
+            ),
+            Transition::Recovered => {
+                tracing::info!(
+                    branch = name,
+                    loop_name = self.name,
+                    "maintenance branch is back on time"
+                )
+            }
+            Transition::None => {}
+        }
+    }
+}
+
+/// A rescue branch waits out its quiet period after the last (re)gain of the database.
+fn effective_due(slot: &Slot, contact_anchor: Instant) -> Instant {
+    match slot.branch.quiet_period() {
+        Some(quiet) => slot.due.max(contact_anchor + quiet),
+        None => slot.due,
+    }
+}
+
+type PassResult = Result<Result<Outcome, BranchError>, Box<dyn std::any::Any + Send>>;
+
+/// The pass's result for reporting, its outcome (empty on failure), and whether the work
+/// connection must be replaced.
+fn classify(result: PassResult) -> (RunResult, Outcome, bool) {
+    match result {
+        Ok(Ok(outcome)) => (RunResult::Ok, outcome, false),
+        Ok(Err(BranchError::Fenced { .. })) => (RunResult::Fenced, Outcome::default(), false),
+        Ok(Err(e @ BranchError::Timeout(_))) => {
+            (RunResult::Timeout(e.to_string()), Outcome::default(), false)
+        }
+        Ok(Err(e)) => {
+            let lost = e.is_connection_lost();
+            (RunResult::Error(e.to_string()), Outcome::default(), lost)
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            // The connection may be mid-transaction in an unknown state: start afresh.
+            (RunResult::Panicked(message), Outcome::default(), true)
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The leader connection: a dedicated (never pooled) session that holds the advisory lock, and
+//! the statements that open and close a leadership term.
+//!
+//! The session stays idle while the branches run (they use their own work connections): a
+//! statement running here would delay the lock's release if this process died. The only
+//! statements it runs during a term are the probe (`SELECT 1`, bounded by a timeout) and the
+//! term's start and end.
+
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+/// Blocks until this session holds the leadership lock of a schema (a waiter is woken within
+/// milliseconds of the holder's session ending).
+pub const ACQUIRE: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
+
+pub const RELEASE: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
+
+/// Opens a term in one statement: takes the `leader` row FOR UPDATE (which waits for every
+/// in-flight fenced transaction of the old term, since those hold KEY SHARE), increments the
+/// epoch, records who leads, and closes any term left open. Primary keys only.
+pub const START_TERM: &str = "
+WITH previous AS (
+    SELECT epoch FROM leader WHERE id = 1 FOR UPDATE
+), closed AS (
+    UPDATE leader_terms SET ended_at = now(), end_reason = 'superseded'
+    WHERE ended_at IS NULL AND epoch = (SELECT epoch FROM previous)
+), opened AS (
+    UPDATE leader SET epoch = previous.epoch + 1, instance = $1, host = $2, pid = $3,
+        backend_pid = pg_backend_pid(), since = now(), last_progress_at = clock_timestamp(),
+        resigned_at = NULL, promote_wakeup_at = NULL
+    FROM previous
+    WHERE leader.id = 1
+    RETURNING leader.epoch
+)
+INSERT INTO leader_terms (epoch, instance, host, pid)
+SELECT epoch, $1, $2, $3 FROM opened
+RETURNING epoch";
+
+/// Closes our term on a clean step-down, so `steward status` shows no leader until the next.
+pub const END_TERM: &str = "
+WITH ended AS (
+    UPDATE leader_terms SET ended_at = now(), end_reason = $2
+    WHERE epoch = $1 AND ended_at IS NULL
+)
+UPDATE leader SET resigned_at = now(), promote_wakeup_at = NULL WHERE id = 1 AND epoch = $1";
+
+pub struct LeaderSession {
+    client: Client,
+    ended: watch::Receiver<bool>,
+}
+
+impl LeaderSession {
+    pub async fn open(
+        config: &tokio_postgres::Config,
+        tls: &steward_schema::Tls,
+    ) -> Result<Self, steward_schema::ConnectError> {
+        let (client, ended) = steward_schema::connect_watched(config, tls).await?;
+        Ok(Self { client, ended })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Resolves as soon as the connection is gone (its driver future ended).
+    pub async fn ended(&self) {
+        let mut ended = self.ended.clone();
+        // An error means the sender is gone, which also means the connection ended.
+        let _ = ended.wait_for(|done| *done).await;
+    }
+
+    pub async fn acquire(&self, lock_name: &str) -> Result<(), tokio_postgres::Error> {
+        self.client
+            .execute(ACQUIRE, &[&lock_name])
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn start_term(
+        &self,
+        instance: &str,
+        host: &str,
+        pid: i32,
+    ) -> Result<i64, tokio_postgres::Error> {
+        Ok(self
+            .client
+            .query_one(START_TERM, &[&instance, &host, &pid])
+            .await?
+            .get(0))
+    }
+
+    /// Round-trip time of a trivial statement, or an error after `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, self.client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    /// Records the end of our term and releases the lock, within `timeout`.
+    pub async fn step_down(&self, epoch: i64, lock_name: &str, reason: &str, timeout: Duration) {
+        let work = async {
+            self.client.execute(END_TERM, &[&epoch, &reason]).await?;
+            self.client.execute(RELEASE, &[&lock_name]).await
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not record the end of the term; closing the session releases the lock")
+            }
+            Err(_) => tracing::warn!(
+                "recording the end of the term timed out; closing the session releases the lock"
+            ),
+        }
+    }
+}
+
+/// Reads the current leader's progress and who it is. DB clock on both sides, so no skew.
+pub const LEADER_PROGRESS: &str = "
+SELECT epoch, instance, extract(epoch FROM clock_timestamp() - last_progress_at)::float8
+FROM leader WHERE id = 1 AND instance IS NOT NULL AND resigned_at IS NULL";
+
+/// Ends every session of a wedged instance (its lock session releases the lock; its work
+/// sessions can no longer commit). Matches the application_name every Steward connection
+/// carries: `steward:<instance>:<role>`.
+pub const TERMINATE_INSTANCE: &str = "
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+FROM pg_stat_activity
+WHERE application_name LIKE $1 AND pid <> pg_backend_pid()";
+
+/// Standby side: while waiting for the lock, take over from a leader that holds it but has made
+/// no progress for `wedge_timeout` (runtime stuck, process paused) by ending its sessions.
+pub async fn watch_for_wedged_leader(
+    config: tokio_postgres::Config,
+    tls: steward_schema::Tls,
+    own_instance: String,
+    wedge_timeout: Duration,
+    check_every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(check_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = steward_schema::connect_with(&config, &tls).await.ok();
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let row = match c.query_opt(LEADER_PROGRESS, &[]).await {
+            Ok(row) => row,
+            Err(error) => {
+                tracing::debug!(%error, "wedge check failed");
+                continue;
+            }
+        };
+        let Some(row) = row else { continue };
+        let (epoch, instance, age): (i64, String, Option<f64>) =
+            (row.get(0), row.get(1), row.get(2));
+        let Some(age) = age else { continue };
+        if instance == own_instance || age < wedge_timeout.as_secs_f64() {
+            continue;
+        }
+        tracing::warn!(epoch, %instance, stalled_secs = age, "the leader has made no progress; ending its sessions to take over");
+        let pattern = format!("steward:{}:%", like_escape(&instance));
+        match c.query_one(TERMINATE_INSTANCE, &[&pattern]).await {
+            Ok(row) => {
+                tracing::warn!(epoch, %instance, sessions = row.get::<_, i64>(0), "ended the wedged leader's sessions")
+            }
+            Err(error) => {
+                tracing::error!(%error, %instance, "could not end the wedged leader's sessions")
+            }
+        }
+    }
+}
+
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}

@@ -1,0 +1,615 @@
+//! Election, takeover, loop isolation and resilience, against a real PostgreSQL.
+
+use async_trait::async_trait;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use steward_branches::{Branch, BranchContext, BranchError, LoopKind, Outcome};
+use steward_leader::{
+    BranchRun, Candidate, LeaderSettings, LeadershipEvent, LoopMode, Observer, RunResult,
+};
+use steward_testkit::TestDb;
+use tokio_util::sync::CancellationToken;
+
+/// A branch that holds a fenced transaction open for `hold` (pg_sleep), or panics.
+struct TestBranch {
+    name: &'static str,
+    kind: LoopKind,
+    interval: Duration,
+    hold: Duration,
+    panics: bool,
+}
+
+#[async_trait]
+impl Branch for TestBranch {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn loop_kind(&self) -> LoopKind {
+        self.kind
+    }
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+    async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        if self.panics {
+            panic!("test branch always panics");
+        }
+        let tx = ctx.fenced().await?;
+        tx.execute("SELECT pg_sleep($1)", &[&self.hold.as_secs_f64()])
+            .await?;
+        tx.commit().await?;
+        Ok(Outcome {
+            rows: 1,
+            ..Outcome::default()
+        })
+    }
+}
+
+fn slo(interval_ms: u64) -> Arc<dyn Branch> {
+    Arc::new(TestBranch {
+        name: "test_slo",
+        kind: LoopKind::Slo,
+        interval: Duration::from_millis(interval_ms),
+        hold: Duration::ZERO,
+        panics: false,
+    })
+}
+
+fn hygiene(interval_ms: u64, hold_ms: u64) -> Arc<dyn Branch> {
+    Arc::new(TestBranch {
+        name: "test_hygiene",
+        kind: LoopKind::Hygiene,
+        interval: Duration::from_millis(interval_ms),
+        hold: Duration::from_millis(hold_ms),
+        panics: false,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    branch: &'static str,
+    epoch: i64,
+    start: Instant,
+    end: Instant,
+    result: RunResult,
+}
+
+#[derive(Default)]
+struct Recorder {
+    runs: Mutex<Vec<Run>>,
+    rows: Mutex<std::collections::HashMap<(&'static str, Instant), u64>>,
+    leadership: Mutex<Vec<(LeadershipEvent, Instant)>>,
+}
+
+impl Observer for Recorder {
+    fn branch_run(&self, run: &BranchRun<'_>) {
+        let end = Instant::now();
+        self.rows
+            .lock()
+            .unwrap()
+            .insert((run.branch, end - run.duration), run.rows);
+        self.runs.lock().unwrap().push(Run {
+            branch: run.branch,
+            epoch: run.epoch,
+            start: end - run.duration,
+            end,
+            result: run.result.clone(),
+        });
+    }
+    fn leadership(&self, event: &LeadershipEvent) {
+        self.leadership
+            .lock()
+            .unwrap()
+            .push((event.clone(), Instant::now()));
+    }
+}
+
+impl Recorder {
+    fn runs(&self) -> Vec<Run> {
+        self.runs.lock().unwrap().clone()
+    }
+    fn acquired(&self) -> Vec<i64> {
+        self.leadership
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(e, _)| match e {
+                LeadershipEvent::Acquired { epoch } => Some(*epoch),
+                _ => None,
+            })
+            .collect()
+    }
+    fn lost_at(&self, epoch: i64) -> Option<Instant> {
+        self.leadership
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(e, at)| match e {
+                LeadershipEvent::Lost { epoch: e, .. } if *e == epoch => Some(*at),
+                _ => None,
+            })
+    }
+}
+
+fn fast_settings(mode: LoopMode) -> LeaderSettings {
+    LeaderSettings {
+        loop_mode: mode,
+        probe_interval: Duration::from_millis(200),
+        progress_interval: Duration::from_millis(200),
+        reconnect_min: Duration::from_millis(50),
+        ..LeaderSettings::default()
+    }
+}
+
+struct Running {
+    candidate: Arc<Candidate>,
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), steward_leader::LeaderError>>,
+}
+
+fn start(db: &TestDb, settings: LeaderSettings, branches: Vec<Arc<dyn Branch>>) -> Running {
+    let recorder = Arc::new(Recorder::default());
+    let candidate = Arc::new(
+        Candidate::new(db.url(), db.schema().clone(), settings, branches)
+            .with_observer(recorder.clone()),
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let candidate = candidate.clone();
+        let shutdown = shutdown.clone();
+        async move { candidate.run(shutdown).await }
+    });
+    Running {
+        candidate,
+        recorder,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("a candidate stops within 30 s of shutdown")
+            .unwrap()
+            .expect("clean stop");
+    }
+}
+
+/// Polls `check` every 20 ms for up to 30 s.
+async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn terminate_sessions(db: &TestDb, instance: &str, role: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("steward:{instance}:{role}")],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
+    let db = TestDb::new().await;
+    let branches = || vec![slo(20), hygiene(50, 0)];
+    let a = start(&db, fast_settings(LoopMode::Split), branches());
+    eventually("a leads", || a.recorder.acquired() == vec![1]).await;
+    let b = start(&db, fast_settings(LoopMode::Split), branches());
+    eventually("a runs both loops", || {
+        let runs = a.recorder.runs();
+        runs.iter().any(|r| r.branch == "test_slo")
+            && runs.iter().any(|r| r.branch == "test_hygiene")
+    })
+    .await;
+    // The standby runs nothing while a leads.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.recorder.runs().is_empty() && b.recorder.acquired().is_empty());
+
+    assert_eq!(
+        terminate_sessions(&db, a.candidate.instance(), "leader").await,
+        1
+    );
+    eventually("b takes over with epoch 2", || {
+        b.recorder.acquired() == vec![2]
+    })
+    .await;
+    eventually("a notices the loss", || a.recorder.lost_at(1).is_some()).await;
+    let lost = a.recorder.lost_at(1).unwrap();
+    // Neither of a's loops started a branch after the loss.
+    let late: Vec<Run> = a
+        .recorder
+        .runs()
+        .into_iter()
+        .filter(|r| r.epoch == 1 && r.start > lost)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "branches started after leadership was lost: {late:?}"
+    );
+    eventually("b runs both loops", || {
+        let runs = b.recorder.runs();
+        runs.iter().any(|r| r.branch == "test_slo")
+            && runs.iter().any(|r| r.branch == "test_hygiene")
+    })
+    .await;
+    assert!(!a.candidate.health().snapshot().is_leader);
+
+    // a went back to standby: it takes over in turn.
+    assert_eq!(
+        terminate_sessions(&db, b.candidate.instance(), "leader").await,
+        1
+    );
+    eventually("a leads again with epoch 3", || {
+        a.recorder.acquired() == vec![1, 3]
+    })
+    .await;
+    // The standby first, so that it cannot take over from a's step-down.
+    b.stop().await;
+    a.stop().await;
+    let terms: Vec<(i64, Option<String>)> = db
+        .client()
+        .await
+        .query(
+            "SELECT epoch, end_reason FROM leader_terms ORDER BY epoch",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        terms,
+        vec![
+            (1, Some("superseded".to_owned())),
+            (2, Some("superseded".to_owned())),
+            (3, Some("stepped_down".to_owned()))
+        ]
+    );
+}
+
+/// SLO passes that started while a hygiene pass was running.
+fn slo_runs_during_hygiene(runs: &[Run]) -> usize {
+    let hygiene: Vec<&Run> = runs.iter().filter(|r| r.branch == "test_hygiene").collect();
+    runs.iter()
+        .filter(|r| r.branch == "test_slo")
+        .filter(|s| hygiene.iter().any(|h| s.start > h.start && s.start < h.end))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_mode_keeps_slo_branches_running_during_a_slow_hygiene_pass() {
+    let db = TestDb::new().await;
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Split),
+        vec![slo(20), hygiene(100, 1500)],
+    );
+    eventually("two slow hygiene passes", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .filter(|r| r.branch == "test_hygiene")
+            .count()
+            >= 2
+    })
+    .await;
+    let overlapping = slo_runs_during_hygiene(&leader.recorder.runs());
+    assert!(
+        overlapping >= 10,
+        "SLO passes during hygiene passes: {overlapping}"
+    );
+    // The starved... nothing: in split mode the SLO branch is never overrunning.
+    let snapshot = leader.candidate.health().snapshot();
+    let slo_health = snapshot
+        .branches
+        .iter()
+        .find(|b| b.branch == "test_slo")
+        .unwrap();
+    assert_eq!(slo_health.overrun, steward_leader::OverrunState::OnTime);
+    leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monolithic_mode_runs_one_branch_at_a_time_and_shows_the_starved_branch() {
+    let db = TestDb::new().await;
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Monolithic),
+        vec![slo(20), hygiene(100, 400)],
+    );
+    eventually("four hygiene passes", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .filter(|r| r.branch == "test_hygiene")
+            .count()
+            >= 4
+    })
+    .await;
+    assert_eq!(slo_runs_during_hygiene(&leader.recorder.runs()), 0);
+    // The SLO branch's own body is fast, but it starts late behind hygiene: start delay makes
+    // it visible as overrunning.
+    eventually("the starved SLO branch is reported delayed", || {
+        leader
+            .candidate
+            .health()
+            .snapshot()
+            .branches
+            .iter()
+            .any(|b| b.branch == "test_slo" && b.overrun == steward_leader::OverrunState::Delayed)
+    })
+    .await;
+    leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_branch_is_retried_and_never_stops_its_loop() {
+    let db = TestDb::new().await;
+    let panicking: Arc<dyn Branch> = Arc::new(TestBranch {
+        name: "test_panic",
+        kind: LoopKind::Slo,
+        interval: Duration::from_millis(30),
+        hold: Duration::ZERO,
+        panics: true,
+    });
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Split),
+        vec![panicking, slo(30)],
+    );
+    eventually(
+        "the panicking branch ran 5 times and its sibling 5 times",
+        || {
+            let runs = leader.recorder.runs();
+            runs.iter()
+                .filter(|r| matches!(r.result, RunResult::Panicked(_)))
+                .count()
+                >= 5
+                && runs
+                    .iter()
+                    .filter(|r| r.branch == "test_slo" && r.result == RunResult::Ok)
+                    .count()
+                    >= 5
+        },
+    )
+    .await;
+    let health = leader.candidate.health().snapshot();
+    let entry = health
+        .branches
+        .iter()
+        .find(|b| b.branch == "test_panic")
+        .unwrap();
+    assert!(entry.errors >= 5 && entry.last_error.as_deref().unwrap().contains("panicked"));
+    leader.stop().await;
+}
+
+#[test]
+fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let settings = LeaderSettings {
+        wedge_timeout: Duration::from_secs(2),
+        wedge_check_interval: Duration::from_millis(200),
+        ..fast_settings(LoopMode::Split)
+    };
+    // The leader lives on its own single-threaded runtime, which we then block: its sockets
+    // stay open (alive at the TCP level) but it makes no progress at all.
+    let recorder_a = Arc::new(Recorder::default());
+    let candidate_a = Arc::new(
+        Candidate::new(
+            db.url(),
+            db.schema().clone(),
+            settings.clone(),
+            vec![slo(20)],
+        )
+        .with_observer(recorder_a.clone()),
+    );
+    let (wedge_tx, wedge_rx) = std::sync::mpsc::channel::<Duration>();
+    let leader_thread = std::thread::spawn({
+        let candidate = candidate_a.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let run = tokio::spawn({
+                    let shutdown = shutdown.clone();
+                    async move { candidate.run(shutdown).await }
+                });
+                // Block this runtime's only thread when told to.
+                let wedge = tokio::task::spawn_blocking(move || wedge_rx.recv().ok())
+                    .await
+                    .unwrap();
+                if let Some(freeze) = wedge {
+                    tokio::spawn(async move { std::thread::sleep(freeze) })
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                shutdown.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
+            });
+        }
+    });
+
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while recorder_a.acquired() != vec![1] || recorder_a.runs().is_empty() {
+            assert!(Instant::now() < deadline, "a never led");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let b = start(&db, settings.clone(), vec![slo(20)]);
+        wedge_tx.send(Duration::from_secs(6)).unwrap();
+        let wedged_at = Instant::now();
+        eventually("b takes over from the wedged leader", || {
+            b.recorder.acquired() == vec![2]
+        })
+        .await;
+        let took = wedged_at.elapsed();
+        assert!(
+            took >= Duration::from_secs(2),
+            "took over before the wedge timeout: {took:?}"
+        );
+        let took_over_at = Instant::now();
+        eventually("a, once unblocked, knows it lost", || {
+            recorder_a.lost_at(1).is_some()
+        })
+        .await;
+        let committed_late: Vec<Run> = recorder_a
+            .runs()
+            .into_iter()
+            .filter(|r| r.result == RunResult::Ok && r.end > took_over_at)
+            .collect();
+        assert!(
+            committed_late.is_empty(),
+            "the wedged term committed after takeover: {committed_late:?}"
+        );
+        b.stop().await;
+    });
+    leader_thread.join().unwrap();
+}
+
+/// First time a pass of `branch` reported rows.
+fn first_rows_at(recorder: &Recorder, branch: &str) -> Option<Instant> {
+    recorder
+        .runs()
+        .iter()
+        .filter(|r| r.branch == branch)
+        .find(|r| r.result == RunResult::Ok && recorder.rows_of(r) > 0)
+        .map(|r| r.start)
+}
+
+impl Recorder {
+    fn rows_of(&self, run: &Run) -> u64 {
+        self.rows
+            .lock()
+            .unwrap()
+            .get(&(run.branch, run.start))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_database() {
+    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
+    use steward_queue::{JobState, NewJob, Queue};
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool(4), db.schema());
+    queue
+        .enqueue_batch(&[NewJob::new("live"), NewJob::new("dead")])
+        .await
+        .unwrap();
+    let claimed = queue.claim("default", 2).await.unwrap();
+    let live = claimed.iter().find(|j| j.kind == "live").unwrap().lease;
+    let dead = claimed.iter().find(|j| j.kind == "dead").unwrap().lease;
+    let client = db.client().await;
+    // Both workers look dead: last heartbeat 10 s ago, staleness 2 s (as after an outage).
+    client
+        .batch_execute("UPDATE jobs SET heartbeat_at = now() - interval '10 seconds'")
+        .await
+        .unwrap();
+
+    let quiet = Duration::from_secs(2);
+    let rescue = RescueStaleHeartbeats::new(Config {
+        interval: Duration::from_millis(50),
+        staleness: quiet,
+        ..Config::default()
+    });
+    let leader = start(&db, fast_settings(LoopMode::Split), vec![Arc::new(rescue)]);
+    eventually("leads", || leader.recorder.acquired() == vec![1]).await;
+    let elected = Instant::now();
+    // The live worker gets through only after a second: inside the quiet period.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    queue
+        .heartbeat(live)
+        .await
+        .expect("the live worker still holds its job");
+    let beating = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if queue.heartbeat(live).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    });
+    let state = |id| {
+        let queue = queue.clone();
+        async move { queue.get(id).await.unwrap().unwrap().state }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(dead.job_id).await != JobState::Retryable {
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's job was never rescued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rescued_at = first_rows_at(&leader.recorder, "rescue_stale_heartbeats").unwrap();
+    assert!(
+        rescued_at >= elected + quiet - Duration::from_millis(200),
+        "rescued {:?} after the election, inside the quiet period",
+        rescued_at - elected
+    );
+    assert_eq!(
+        state(live.job_id).await,
+        JobState::Running,
+        "the live job was rescued"
+    );
+
+    // Now the leader loses its SLO work connection, and during that outage the live worker
+    // could not heartbeat either (its last heartbeat looks 10 s old); it gets through 1 s late.
+    beating.abort();
+    assert_eq!(
+        terminate_sessions(&db, leader.candidate.instance(), "slo").await,
+        1
+    );
+    let cut = Instant::now();
+    client
+        .execute(
+            "UPDATE jobs SET heartbeat_at = now() - interval '10 seconds' WHERE id = $1",
+            &[&live.job_id],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    queue
+        .heartbeat(live)
+        .await
+        .expect("the live worker still holds its job after the cut");
+    // Wait until rescue passes have run past the quiet period after the reconnect.
+    eventually("rescue passes after the quiet period", || {
+        leader.recorder.runs().iter().any(|r| {
+            r.branch == "rescue_stale_heartbeats"
+                && r.start > cut + quiet + Duration::from_millis(200)
+        })
+    })
+    .await;
+    let job = queue.get(live.job_id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.run_lease),
+        (JobState::Running, live.run_lease)
+    );
+    assert!(job.error_entries().is_empty());
+    leader.stop().await;
+}
