@@ -1,0 +1,146 @@
+//! `/metrics`, `/healthz`, `/readyz` and `/leader`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use steward_leader::HealthRegistry;
+use tokio::sync::Mutex;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub prometheus: PrometheusHandle,
+    pub health: HealthRegistry,
+    pub instance: String,
+    /// `/healthz` fails when a loop of the current term finished no iteration for this long.
+    pub loop_stall_limit: Duration,
+    /// Connection settings for `/readyz`'s probe.
+    pub db: tokio_postgres::Config,
+    pub tls: steward_schema::Tls,
+    probe_client: Arc<Mutex<Option<tokio_postgres::Client>>>,
+}
+
+impl HttpState {
+    pub fn new(
+        prometheus: PrometheusHandle,
+        health: HealthRegistry,
+        instance: String,
+        loop_stall_limit: Duration,
+        db: tokio_postgres::Config,
+        tls: steward_schema::Tls,
+    ) -> Self {
+        Self {
+            prometheus,
+            health,
+            instance,
+            loop_stall_limit,
+            db,
+            tls,
+            probe_client: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// Binds `addr` and serves until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    state: HttpState,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The bound address, which differs from `addr` for port 0.
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and /leader");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/leader", get(leader))
+        .with_state(state);
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the HTTP endpoint stopped");
+        }
+    }))
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<HttpState>) -> Response {
+    let snapshot = state.health.snapshot();
+    let stalled: Vec<String> = snapshot
+        .loops
+        .iter()
+        .filter(|(_, since)| **since > state.loop_stall_limit)
+        .map(|(name, since)| format!("{name} (no iteration for {:.1}s)", since.as_secs_f64()))
+        .collect();
+    let body = serde_json::json!({
+        "instance": state.instance,
+        "leader": snapshot.is_leader,
+        "loops": snapshot.loops.iter().map(|(k, v)| (k.clone(), v.as_secs_f64())).collect::<std::collections::BTreeMap<_, _>>(),
+        "stalled": stalled,
+    });
+    let status = if stalled.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let mut client = state.probe_client.lock().await;
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = match tokio::time::timeout(
+            Duration::from_secs(2),
+            steward_schema::connect_with(&state.db, &state.tls),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Some(c),
+            Ok(Err(e)) => return unready(e.to_string()),
+            Err(_) => return unready("connecting timed out after 2s".into()),
+        };
+    }
+    let Some(c) = client.as_ref() else {
+        return unready("no connection".into());
+    };
+    match tokio::time::timeout(Duration::from_secs(2), c.simple_query("SELECT 1")).await {
+        Ok(Ok(_)) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"database": "reachable"})),
+        )
+            .into_response(),
+        Ok(Err(e)) => unready(e.to_string()),
+        Err(_) => unready("no answer within 2s".into()),
+    }
+}
+
+fn unready(reason: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({"database": "unreachable", "reason": reason})),
+    )
+        .into_response()
+}
+
+async fn leader(State(state): State<HttpState>) -> Response {
+    let snapshot = state.health.snapshot();
+    Json(serde_json::json!({
+        "instance": state.instance,
+        "leader": snapshot.is_leader,
+        "epoch": snapshot.epoch,
+        "branches": snapshot.branches,
+    }))
+    .into_response()
+}
