@@ -1,0 +1,162 @@
+//! `steward`: the maintenance leader for a Postgres job queue.
+
+mod config;
+mod demo;
+mod run;
+mod status;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use steward_schema::SchemaName;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "steward",
+    version,
+    about = "Maintenance leader for Postgres-backed job queues"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the queue lives.
+#[derive(clap::Args, Debug, Clone)]
+struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://steward@db:5432/app
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Postgres schema holding Steward's tables.
+    #[arg(long, env = "STEWARD_SCHEMA", default_value = SchemaName::DEFAULT)]
+    schema: SchemaName,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the schema and apply pending migrations (idempotent, safe to run concurrently).
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Manage the least-privilege role the maintenance process runs as.
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+    /// Stand for election and, when elected, run the maintenance branches until SIGTERM/SIGINT.
+    Run(run::RunArgs),
+    /// Who leads, and per branch: last run, duration, start delay, overrun state, last error.
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run Steward end to end on this machine: Postgres (started if needed), a workload, a summary.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum RoleCommand {
+    /// Create the maintenance role (NOLOGIN) if missing and grant it exactly what the branches need.
+    Create {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Name of the role to create.
+        #[arg(long, default_value = "steward_maintenance")]
+        role: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+impl From<LogFormat> for steward_telemetry::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Human => steward_telemetry::LogFormat::Human,
+            LogFormat::Json => steward_telemetry::LogFormat::Json,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // `run` sets up its own telemetry (metrics, traces, logs).
+    match cli.command {
+        Command::Run(_) => {}
+        // The demo prints its own report; library logs would interleave with it.
+        Command::Demo(_) => init_logging(LogFormat::Human, "warn"),
+        _ => init_logging(LogFormat::Human, "info"),
+    }
+    match cli.command {
+        Command::Run(args) => run::run(args).await?,
+        Command::Migrate { db } => {
+            let mut client = connect(&db, "steward-migrate").await?;
+            let report = steward_schema::migrate(&mut client, &db.schema).await?;
+            if report.applied.is_empty() {
+                println!(
+                    "schema {} is up to date at version {}",
+                    db.schema, report.version
+                );
+            } else {
+                println!(
+                    "schema {} migrated to version {}: applied {}",
+                    db.schema,
+                    report.version,
+                    report.applied.join(", ")
+                );
+            }
+        }
+        Command::Role {
+            command: RoleCommand::Create { db, role },
+        } => {
+            let client = connect(&db, "steward-role").await?;
+            steward_schema::check_schema(&client, &db.schema).await?;
+            steward_schema::create_maintenance_role(&client, &db.schema, &role).await?;
+            println!(
+                "role {role} holds the maintenance privileges on schema {}; give it a login with \
+                 `ALTER ROLE {role} LOGIN PASSWORD '...'` or `GRANT {role} TO <login role>`",
+                db.schema
+            );
+        }
+        Command::Demo(args) => demo::run(args).await?,
+        Command::Status { db, json } => {
+            let client = connect(&db, "steward:status").await?;
+            steward_schema::check_schema(&client, &db.schema).await?;
+            status::run(&client, &db.schema, json).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn connect(db: &DbArgs, application_name: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let config = steward_schema::pg_config(&db.database_url, &db.schema, application_name)?;
+    let tls = steward_schema::Tls::from_url(&db.database_url)?;
+    steward_schema::connect_with(&config, &tls)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {}",
+                steward_schema::redact_url(&db.database_url)
+            )
+        })
+}

@@ -1,0 +1,119 @@
+//! `steward run`: the maintenance process.
+
+use crate::config;
+use crate::LogFormat;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use steward_leader::{Candidate, LoopMode};
+use steward_schema::SchemaName;
+use steward_telemetry::{HttpState, MetricsObserver, Telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// PostgreSQL URL (overrides `database_url` in the config file).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Schema holding Steward's tables (overrides `schema` in the config file; default steward).
+    #[arg(long, env = "STEWARD_SCHEMA")]
+    schema: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "STEWARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// split: SLO and hygiene branches on separate tasks and connections; monolithic: one loop.
+    #[arg(long, env = "STEWARD_LOOP_MODE")]
+    loop_mode: Option<LoopMode>,
+    /// Override any setting, e.g. --set branches.cleanup.batch_size=500 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[arg(long, env = "STEWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /leader). Loopback by default;
+    /// use 0.0.0.0:9464 to expose it (e.g. in a container).
+    #[arg(long, env = "STEWARD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: std::net::SocketAddr,
+    /// /healthz fails when a maintenance loop finished no iteration for this long.
+    #[arg(long, env = "STEWARD_LOOP_STALL_LIMIT", default_value = "2m", value_parser = humantime::parse_duration)]
+    loop_stall_limit: std::time::Duration,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let telemetry = Telemetry::init(args.log_format.into())?;
+    let result = run_with_telemetry(args, &telemetry).await;
+    if let Err(error) = &result {
+        tracing::error!("{error:#}");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Result<()> {
+    let mut config = config::load(args.config.as_deref(), &args.overrides)?;
+    if let Some(mode) = args.loop_mode {
+        config.leader.loop_mode = mode;
+    }
+    let database_url = args.database_url.or(config.database_url.clone()).context(
+        "no database: set DATABASE_URL, --database-url or database_url in the config file",
+    )?;
+    let schema: SchemaName = args
+        .schema
+        .or(config.schema.clone())
+        .unwrap_or_else(|| SchemaName::DEFAULT.to_owned())
+        .parse()?;
+    let branches = config.branches.build();
+    let metrics = Arc::new(MetricsObserver::new());
+    metrics.register_initial(
+        &branches
+            .iter()
+            .map(|b| (b.name(), b.loop_kind(), b.interval()))
+            .collect::<Vec<_>>(),
+    );
+    let readiness_url = database_url.clone();
+    let readiness_db = steward_schema::pg_config(&database_url, &schema, "steward:readyz")?;
+    let candidate = Candidate::new(database_url, schema, config.leader.clone(), branches)
+        .with_observer(metrics);
+    steward_telemetry::serve(
+        args.metrics_addr,
+        HttpState::new(
+            telemetry.prometheus(),
+            candidate.health(),
+            candidate.instance().to_owned(),
+            args.loop_stall_limit,
+            readiness_db,
+            steward_schema::Tls::from_url(&readiness_url)?,
+        ),
+    )
+    .await
+    .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
+    tracing::info!(
+        instance = candidate.instance(),
+        mode = config.leader.loop_mode.as_str(),
+        otlp = telemetry.otlp_enabled(),
+        "steward starting"
+    );
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(forward_signals(shutdown.clone()));
+    candidate.run(shutdown).await?;
+    tracing::info!("steward stopped");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: step down cleanly. A second one: exit at once.
+async fn forward_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop steward with SIGKILL");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested: finishing the running statement and releasing leadership");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(1);
+}

@@ -1,0 +1,376 @@
+//! End to end: a real leader's Prometheus endpoint, OTLP export to an in-process receiver,
+//! the health endpoints, and `steward status` with and without a leader.
+
+mod support;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use steward_queue::{NewJob, Queue};
+use steward_testkit::TestDb;
+use support::*;
+
+/// Every name the telemetry issue lists.
+const EXPECTED: &[&str] = &[
+    "steward_maintenance_branch_duration_seconds",
+    "steward_maintenance_branch_start_delay_seconds",
+    "steward_maintenance_branch_overrun_total",
+    "steward_maintenance_branch_runs_total",
+    "steward_maintenance_branch_rows_total",
+    "steward_maintenance_branch_last_success_timestamp_seconds",
+    "steward_leader",
+    "steward_leader_epoch",
+    "steward_leader_transitions_total",
+    "steward_promotion_lag_seconds",
+    "steward_rescued_jobs_total",
+    "steward_queue_jobs",
+    "steward_queue_oldest_available_age_seconds",
+];
+
+/// Fast settings so that every branch and every metric shows up within seconds.
+const FAST: &[&str] = &[
+    "--set",
+    "branches.rescue_stale_heartbeats.staleness=1s",
+    "--set",
+    "branches.rescue_stale_heartbeats.interval=200ms",
+    "--set",
+    "branches.rescue_expired_deadlines.quiet_period=1s",
+    "--set",
+    "branches.rescue_expired_deadlines.interval=200ms",
+    "--set",
+    "branches.rescue_expired_callbacks.quiet_period=1s",
+    "--set",
+    "branches.rescue_expired_callbacks.interval=200ms",
+    "--set",
+    "branches.queue_stats.interval=200ms",
+];
+
+/// Jobs for every SLO branch: due soon, stale heartbeat, expired deadline, expired callback,
+/// and one available job so queue gauges have an oldest age.
+async fn seed(db: &TestDb) {
+    let queue = Queue::new(db.pool(2), db.schema());
+    queue
+        .enqueue_batch(&[
+            NewJob::new("stale"),
+            NewJob::new("late").run_timeout(Duration::from_millis(1)),
+            NewJob::new("parked"),
+        ])
+        .await
+        .unwrap();
+    let claimed = queue.claim("default", 3).await.unwrap();
+    let parked = claimed.iter().find(|j| j.kind == "parked").unwrap().lease;
+    queue
+        .wait_for_callback(parked, Duration::from_millis(1))
+        .await
+        .unwrap();
+    db.client()
+        .await
+        // The late job's worker keeps heartbeating (an hour ahead stands in for that), so only
+        // its deadline can rescue it.
+        .batch_execute(
+            "UPDATE jobs SET heartbeat_at = now() - interval '1 minute' WHERE kind = 'stale';
+             UPDATE jobs SET heartbeat_at = now() + interval '1 hour' WHERE kind = 'late'",
+        )
+        .await
+        .unwrap();
+    queue
+        .enqueue(&NewJob::new("waiting").queue("other"))
+        .await
+        .unwrap();
+    queue
+        .enqueue(&NewJob::new("soon").run_in(Duration::from_millis(300)))
+        .await
+        .unwrap();
+}
+
+/// Metric names in a Prometheus exposition, histogram suffixes folded into the base name.
+fn names_in(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).filter(|base| base.ends_with("_seconds")))
+                .unwrap_or(n)
+                .to_owned()
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, within: Duration, check: impl FnMut() -> bool) {
+    wait_until_explained(what, within, check, String::new)
+}
+
+fn wait_until_explained(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            explain()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_leader_exports_every_metric_and_answers_health_checks() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    runtime.block_on(seed(&db));
+    let steward = Steward::spawn(&db.url(), FAST);
+    steward.wait_for("leadership acquired", Duration::from_secs(30));
+    let last = std::cell::RefCell::new(String::new());
+    let missing = || {
+        let body = last.borrow();
+        let names = names_in(&body);
+        let mut missing: Vec<String> = EXPECTED
+            .iter()
+            .filter(|n| !names.contains(**n))
+            .map(|n| n.to_string())
+            .collect();
+        for reason in ["heartbeat", "deadline", "callback"] {
+            if !body.contains(&format!(
+                "steward_rescued_jobs_total{{reason=\"{reason}\"}} 1"
+            )) {
+                missing.push(format!("a {reason} rescue"));
+            }
+        }
+        missing
+    };
+    wait_until_explained(
+        "every metric and every rescue reason",
+        Duration::from_secs(60),
+        || {
+            let (status, body) = steward.get("/metrics");
+            assert_eq!(status, 200);
+            *last.borrow_mut() = body;
+            missing().is_empty()
+        },
+        || {
+            format!(
+                "missing {:?} in:\n{}",
+                missing(),
+                last.borrow()
+                    .lines()
+                    .filter(|l| l.contains("rescued") || l.contains("runs_total{branch=\"rescue"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+    );
+    let last = last.into_inner();
+    assert!(last.contains("steward_leader 1"), "{last}");
+    assert!(last.contains("mode=\"split\""), "{last}");
+    // Millisecond buckets for start delay and promotion lag.
+    assert!(
+        last.contains("steward_promotion_lag_seconds_bucket{le=\"0.001\"}"),
+        "{last}"
+    );
+
+    // Hand the scraped names to the dashboard/alert/compose checker.
+    let names: Vec<String> = names_in(&last).into_iter().collect();
+    let names_file =
+        std::env::temp_dir().join(format!("steward-metric-names-{}.txt", std::process::id()));
+    std::fs::write(&names_file, names.join("\n")).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let check = std::process::Command::new("python3")
+        .arg(repo.join("dashboards/check.py"))
+        .arg(STEWARD)
+        .arg(&names_file)
+        .current_dir(&repo)
+        .output()
+        .expect("python3 runs dashboards/check.py");
+    assert!(
+        check.status.success(),
+        "dashboards/check.py:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let (status, body) = steward.get("/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = steward.get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = steward.get("/leader");
+    assert_eq!(status, 200);
+    let leader: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(leader["leader"], true);
+    assert!(leader["branches"].as_array().unwrap().len() >= 11, "{body}");
+}
+
+#[test]
+fn the_metrics_endpoint_binds_to_loopback_by_default() {
+    let (code, stdout, _) = steward("postgres://unused", &["run", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("127.0.0.1:9464"), "{stdout}");
+}
+
+/// A received span: its name and its attribute keys.
+type SpanSeen = (String, Vec<String>);
+
+#[derive(Default, Clone)]
+struct Received {
+    metric_names: Arc<Mutex<BTreeSet<String>>>,
+    spans: Arc<Mutex<Vec<SpanSeen>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Received {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut names = self.metric_names.lock().unwrap();
+        for resource in request.into_inner().resource_metrics {
+            for scope in resource.scope_metrics {
+                names.extend(scope.metrics.into_iter().map(|m| m.name));
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Received {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let keys = span.attributes.into_iter().map(|a| a.key).collect();
+                    spans.push((span.name, keys));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[test]
+fn a_leader_exports_branch_spans_and_metrics_over_otlp() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let received = Received::default();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(received.clone()))
+            .add_service(TraceServiceServer::new(received.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut steward = Steward::spawn_with_env(
+        &db.url(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_SERVICE_NAME", "steward-e2e"),
+        ],
+    );
+    steward.wait_for("leadership acquired", Duration::from_secs(30));
+    wait_until(
+        "a branch span and a branch metric over OTLP",
+        Duration::from_secs(60),
+        || {
+            let spans = received.spans.lock().unwrap();
+            let names = received.metric_names.lock().unwrap();
+            spans.iter().any(|(name, keys)| {
+                name == "promote_scheduled"
+                    && ["branch", "loop", "epoch", "rows", "outcome"]
+                        .iter()
+                        .all(|k| keys.iter().any(|key| key == k))
+            }) && names.contains("steward_maintenance_branch_duration_seconds")
+        },
+    );
+    // The exporters are flushed on shutdown, after which the receiver may stop.
+    steward.signal("TERM");
+    assert_eq!(steward.wait_exit(Duration::from_secs(30)), Some(0));
+    server.abort();
+}
+
+#[test]
+fn status_shows_the_leader_and_its_branches_then_no_leader() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    let (code, stdout, _) = steward(&url, &["status"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("no leader") && stdout.contains("no term has ever started"),
+        "{stdout}"
+    );
+
+    let mut leader = Steward::spawn(&url, &[]);
+    let acquired = leader.wait_for("leadership acquired", Duration::from_secs(30));
+    let instance = acquired
+        .field("instance")
+        .and_then(|v| v.as_str())
+        .unwrap()
+        .to_owned();
+    wait_until("branch health flushed", Duration::from_secs(30), || {
+        let (_, stdout, _) = steward(&url, &["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&stdout)
+            .map(|s| s["branches"].as_array().is_some_and(|b| b.len() >= 5))
+            .unwrap_or(false)
+    });
+    let (code, stdout, _) = steward(&url, &["status", "--json"]);
+    assert_eq!(code, Some(0));
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["lock_held"], true);
+    assert_eq!(status["leader"]["instance"], instance.as_str());
+    assert_eq!(status["leader"]["epoch"], 1);
+    let (_, table, _) = steward(&url, &["status"]);
+    assert!(
+        table.contains(&format!("leader: {instance}")) && table.contains("promote_scheduled"),
+        "{table}"
+    );
+
+    leader.signal("TERM");
+    assert_eq!(leader.wait_exit(Duration::from_secs(30)), Some(0));
+    let (_, stdout, _) = steward(&url, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["lock_held"], false);
+    assert!(status["leader"].is_null());
+    assert_eq!(status["last_term"]["instance"], instance.as_str());
+    let (_, table, _) = steward(&url, &["status"]);
+    assert!(
+        table.contains("no leader") && table.contains("Last term: epoch 1"),
+        "{table}"
+    );
+}
+
+#[test]
+fn status_on_a_missing_schema_says_to_migrate() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::empty());
+    let (code, _, stderr) = steward(&db.url(), &["status"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("steward migrate"), "{stderr}");
+}
