@@ -1,0 +1,535 @@
+//! `steward-bench`: drives real Steward leaders against a real PostgreSQL and reports quantiles
+//! from hdrhistogram. See benches/README.md for the scenarios, the options and the JSON schema.
+//!
+//! ```sh
+//! cargo run --release -p steward-bench -- [--quick] [--json] [--duration 10m] \
+//!     [--scenarios isolation,promotion,throughput,failover,footprint] [--out benches/out]
+//! ```
+
+mod db;
+mod hist;
+mod injected;
+mod leader;
+mod plot;
+mod procs;
+mod recorder;
+mod report;
+mod scenarios;
+mod workload;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use report::{Machine, ScenarioEntry, Target};
+use scenarios::{failover, footprint, isolation, promotion, throughput};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Scenario {
+    Isolation,
+    Promotion,
+    Throughput,
+    Failover,
+    Footprint,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "steward-bench",
+    about = "Benchmarks real Steward leaders against a real PostgreSQL (see benches/README.md)"
+)]
+struct Args {
+    /// Small sizes and short windows: the whole run stays under a minute (same report shape).
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON on stdout (the human tables go to <out>/report.txt).
+    #[arg(long)]
+    json: bool,
+    /// Measurement window of each timed phase (isolation split, isolation monolithic,
+    /// promotion). Default 10m, or 5s with --quick.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Warm-up before each timed window. Default 15s, or 2s with --quick.
+    #[arg(long, value_parser = parse_duration)]
+    warmup: Option<Duration>,
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "isolation,promotion,throughput,failover,footprint"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Where report.json, report.txt and distributions.svg go.
+    #[arg(long, default_value = "benches/out")]
+    out: PathBuf,
+    /// The steward binary for failover and footprint. Default: built with
+    /// `cargo build [--release] -p steward` (the harness's own profile) and taken from beside
+    /// this executable.
+    #[arg(long)]
+    steward_bin: Option<PathBuf>,
+    /// Isolation: a bench-only hygiene branch holds a transaction in pg_sleep this long on
+    /// every pass (interval: twice the delay). 0s disables it.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    inject_hygiene_delay: Duration,
+    /// Isolation: terminal jobs past retention for cleanup. Default 200000, quick 30000.
+    #[arg(long)]
+    backlog_rows: Option<i64>,
+    /// Isolation: completed jobs within retention that refresh_admin_metadata counts.
+    /// Default 1000000, quick 100000.
+    #[arg(long)]
+    table_rows: Option<i64>,
+    /// Isolation: do not top the cleanup backlog up while the window runs.
+    #[arg(long)]
+    no_backlog_refill: bool,
+    /// Isolation: workload jobs per second. Default 500, quick 300.
+    #[arg(long)]
+    isolation_rate: Option<f64>,
+    /// Promotion: jobs per second enqueued. Default 2000.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Promotion: jobs are due uniformly over this horizon. Default 60s, quick 10s.
+    #[arg(long, value_parser = parse_duration)]
+    horizon: Option<Duration>,
+    /// Throughput: rows per backlog. Default 100000, quick 20000.
+    #[arg(long)]
+    rows: Option<i64>,
+    /// Throughput: batch_size of the "large" configuration of every branch (the "default"
+    /// configuration uses each branch's shipped batch size).
+    #[arg(long, default_value_t = 10_000)]
+    batch_size: i64,
+    /// Throughput: repetitions per measurement (the median is reported). Default 3, quick 1.
+    #[arg(long)]
+    repeats: Option<u32>,
+    /// Failover: trials. Default 20, quick 5.
+    #[arg(long)]
+    trials: Option<u32>,
+    /// Footprint: the measurement window. Default 60s, quick 5s.
+    #[arg(long, value_parser = parse_duration)]
+    footprint_window: Option<Duration>,
+}
+
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// The quick-mode value or the full-mode one.
+fn pick<T>(quick: bool, quick_value: T, full_value: T) -> T {
+    if quick {
+        quick_value
+    } else {
+        full_value
+    }
+}
+
+/// A progress line on stderr.
+pub fn progress(message: impl AsRef<str>) {
+    let elapsed = STARTED
+        .get()
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
+    eprintln!("[{elapsed:7.1}s] {}", message.as_ref());
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    quick: bool,
+    scenarios: Vec<Scenario>,
+    duration_s: f64,
+    warmup_s: f64,
+    out: String,
+}
+
+#[derive(Serialize)]
+struct Scenarios {
+    isolation: ScenarioEntry<isolation::IsolationResult>,
+    promotion: ScenarioEntry<promotion::PromotionResult>,
+    throughput: ScenarioEntry<throughput::ThroughputResult>,
+    failover: ScenarioEntry<failover::FailoverResult>,
+    footprint: ScenarioEntry<footprint::FootprintResult>,
+}
+
+#[derive(Serialize)]
+struct FlatTarget {
+    scenario: String,
+    #[serde(flatten)]
+    target: Target,
+}
+
+#[derive(Serialize)]
+struct Report {
+    schema_version: u32,
+    harness: String,
+    mode: String,
+    command: String,
+    started_at: String,
+    finished_at: String,
+    wall_s: f64,
+    machine: Machine,
+    settings: Settings,
+    scenarios: Scenarios,
+    targets: Vec<FlatTarget>,
+    plots: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    STARTED.get_or_init(Instant::now);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    let failed = runtime.block_on(run(args))?;
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs the selected scenarios and writes the report; true when a scenario failed.
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let quick = args.quick;
+    let duration = args.duration.unwrap_or(pick(
+        quick,
+        Duration::from_secs(5),
+        Duration::from_secs(600),
+    ));
+    let warmup =
+        args.warmup
+            .unwrap_or(pick(quick, Duration::from_secs(2), Duration::from_secs(15)));
+    let selected = |s: Scenario| args.scenarios.contains(&s);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let steward_bin = if selected(Scenario::Failover) || selected(Scenario::Footprint) {
+        Some(procs::steward_binary(args.steward_bin.clone()))
+    } else {
+        None
+    };
+    // The clock starts after the (possible) build of steward.
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+
+    let pg = db::Pg::start().await?;
+    let server = pg.info().await.ok();
+    let machine = Machine::read(server.clone());
+    progress(format!(
+        "PostgreSQL {} at {}",
+        server.as_ref().map(|s| s.version.as_str()).unwrap_or("?"),
+        server.as_ref().map(|s| s.source.as_str()).unwrap_or("?")
+    ));
+
+    let mut isolation_entry = ScenarioEntry::skipped();
+    let mut isolation_curves = None;
+    if selected(Scenario::Isolation) {
+        let t = Instant::now();
+        let settings = isolation::Settings {
+            window: duration,
+            warmup,
+            rate: args.isolation_rate.unwrap_or(pick(quick, 300.0, 500.0)),
+            horizon: Duration::from_secs(10),
+            backlog_rows: args.backlog_rows.unwrap_or(pick(quick, 30_000, 200_000)),
+            table_rows: args.table_rows.unwrap_or(pick(quick, 100_000, 1_000_000)),
+            refill: !args.no_backlog_refill,
+            inject_delay: args.inject_hygiene_delay,
+        };
+        let result = isolation::run(&pg, &settings)
+            .await
+            .map(|(r, curves, targets)| {
+                isolation_curves = Some(curves);
+                (r, targets)
+            });
+        isolation_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
+    let mut promotion_entry = ScenarioEntry::skipped();
+    let mut promotion_lags = None;
+    if selected(Scenario::Promotion) {
+        let t = Instant::now();
+        let settings = promotion::Settings {
+            rate: args.rate.unwrap_or(2000.0),
+            horizon: args.horizon.unwrap_or(pick(
+                quick,
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            )),
+            window: duration,
+            warmup,
+        };
+        let result = promotion::run(&pg, &settings)
+            .await
+            .map(|(r, lags, targets)| {
+                promotion_lags = Some(lags);
+                (r, targets)
+            });
+        promotion_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
+    let mut throughput_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Throughput) {
+        let t = Instant::now();
+        let settings = throughput::Settings {
+            rows: args.rows.unwrap_or(pick(quick, 20_000, 100_000)),
+            large_batch: args.batch_size,
+            repeats: args.repeats.unwrap_or(pick(quick, 1, 3)),
+        };
+        throughput_entry = ScenarioEntry::from_result(
+            throughput::run(&pg, &settings).await,
+            t.elapsed().as_secs_f64(),
+        );
+    }
+
+    let mut failover_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Failover) {
+        let t = Instant::now();
+        let settings = failover::Settings {
+            trials: args.trials.unwrap_or(pick(quick, 5, 20)),
+            settle: Duration::from_millis(300),
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => failover::run(&pg, bin, &settings).await,
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        failover_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
+    let mut footprint_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Footprint) {
+        let t = Instant::now();
+        let settings = footprint::Settings {
+            window: args.footprint_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+            )),
+            settle: pick(quick, Duration::from_secs(1), Duration::from_secs(5)),
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => footprint::run(&pg, bin, &settings)
+                .await
+                .map(|r| (r, Vec::new())),
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        footprint_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
+    // The plot.
+    let mut plots = Vec::new();
+    let mut panels = Vec::new();
+    if let Some(c) = &isolation_curves {
+        panels.push(plot::Panel {
+            title: "SLO branch start delay (isolation)".into(),
+            series: vec![
+                plot::Series {
+                    label: "split".into(),
+                    hist: &c.split_start_delay,
+                    color: plot::SPLIT,
+                },
+                plot::Series {
+                    label: "monolithic".into(),
+                    hist: &c.monolithic_start_delay,
+                    color: plot::MONOLITHIC,
+                },
+            ],
+        });
+    }
+    let mut lag_series = Vec::new();
+    if let Some(c) = &isolation_curves {
+        lag_series.push(plot::Series {
+            label: "isolation, split".into(),
+            hist: &c.split_lag,
+            color: plot::SPLIT,
+        });
+        lag_series.push(plot::Series {
+            label: "isolation, monolithic".into(),
+            hist: &c.monolithic_lag,
+            color: plot::MONOLITHIC,
+        });
+    }
+    if let Some(lags) = &promotion_lags {
+        lag_series.push(plot::Series {
+            label: "promotion scenario, split".into(),
+            hist: lags,
+            color: plot::PROMOTION,
+        });
+    }
+    if !lag_series.is_empty() {
+        panels.push(plot::Panel {
+            title: "Promotion lag (now - run_at)".into(),
+            series: lag_series,
+        });
+    }
+    if !panels.is_empty() {
+        let path = args.out.join("distributions.svg");
+        match plot::draw(&path, &panels) {
+            Ok(()) => plots.push(path.display().to_string()),
+            Err(error) => progress(format!("plot failed: {error:#}")),
+        }
+    }
+
+    let mut targets = Vec::new();
+    let mut flatten = |scenario: &str, ts: &[Target]| {
+        targets.extend(ts.iter().map(|t| FlatTarget {
+            scenario: scenario.to_owned(),
+            target: t.clone(),
+        }))
+    };
+    flatten("isolation", &isolation_entry.targets);
+    flatten("promotion", &promotion_entry.targets);
+    flatten("throughput", &throughput_entry.targets);
+    flatten("failover", &failover_entry.targets);
+    flatten("footprint", &footprint_entry.targets);
+
+    let failed = isolation_entry.is_error()
+        || promotion_entry.is_error()
+        || throughput_entry.is_error()
+        || failover_entry.is_error()
+        || footprint_entry.is_error();
+    let report = Report {
+        schema_version: report::SCHEMA_VERSION,
+        harness: "steward-bench".into(),
+        mode: if quick { "quick" } else { "full" }.into(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_at: started_at.to_rfc3339(),
+        finished_at: chrono::Utc::now().to_rfc3339(),
+        wall_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        machine,
+        settings: Settings {
+            quick,
+            scenarios: args.scenarios.clone(),
+            duration_s: duration.as_secs_f64(),
+            warmup_s: warmup.as_secs_f64(),
+            out: args.out.display().to_string(),
+        },
+        scenarios: Scenarios {
+            isolation: isolation_entry,
+            promotion: promotion_entry,
+            throughput: throughput_entry,
+            failover: failover_entry,
+            footprint: footprint_entry,
+        },
+        targets,
+        plots,
+    };
+    let json = serde_json::to_string_pretty(&report).context("serializing the report")?;
+    let text = render(&report);
+    std::fs::write(args.out.join("report.json"), &json).context("writing report.json")?;
+    std::fs::write(args.out.join("report.txt"), &text).context("writing report.txt")?;
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{text}");
+    }
+    progress(format!(
+        "done in {:.1} s; report in {}",
+        report.wall_s,
+        args.out.display()
+    ));
+    Ok(failed)
+}
+
+fn section<T: Serialize>(
+    out: &mut String,
+    name: &str,
+    entry: &ScenarioEntry<T>,
+    body: impl Fn(&T) -> String,
+) {
+    match (&entry.status[..], &entry.result) {
+        ("skipped", _) => {}
+        (_, Some(result)) => {
+            let _ = writeln!(out, "\n== {name} ({:.1} s)", entry.elapsed_s);
+            out.push_str(&body(result));
+            out.push_str(&report::render_targets(&entry.targets));
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "\n== {name}: ERROR after {:.1} s\n  {}",
+                entry.elapsed_s,
+                entry.error.as_deref().unwrap_or("unknown error")
+            );
+        }
+    }
+}
+
+fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        out,
+        "steward-bench ({} mode, {} build) {} — {:.0} s",
+        r.mode, m.profile, r.started_at, r.wall_s
+    );
+    let _ = writeln!(
+        out,
+        "machine: {} cores ({}), {} GiB, kernel {}, load at start {}",
+        m.nproc, m.cpu_model, m.memory_gib, m.kernel, m.loadavg_at_start
+    );
+    if let Some(pg) = &m.postgres {
+        let _ = writeln!(
+            out,
+            "postgres: {} (fsync={}, synchronous_commit={}, shared_buffers={}); {}",
+            pg.version, pg.fsync, pg.synchronous_commit, pg.shared_buffers, pg.source
+        );
+    }
+    let s = &r.scenarios;
+    section(&mut out, "isolation", &s.isolation, isolation::render);
+    section(&mut out, "promotion", &s.promotion, promotion::render);
+    section(&mut out, "throughput", &s.throughput, throughput::render);
+    section(&mut out, "failover", &s.failover, failover::render);
+    section(&mut out, "footprint", &s.footprint, footprint::render);
+    if !r.targets.is_empty() {
+        let passed = r.targets.iter().filter(|t| t.target.pass).count();
+        let _ = writeln!(
+            out,
+            "\ntargets: {passed} of {} met{}",
+            r.targets.len(),
+            if r.plots.is_empty() {
+                String::new()
+            } else {
+                format!("; plot: {}", r.plots.join(", "))
+            }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scenario_parses() {
+        let args = Args::parse_from([
+            "steward-bench",
+            "--scenarios",
+            "isolation,promotion,throughput,failover,footprint",
+        ]);
+        assert_eq!(
+            args.scenarios,
+            vec![
+                Scenario::Isolation,
+                Scenario::Promotion,
+                Scenario::Throughput,
+                Scenario::Failover,
+                Scenario::Footprint,
+            ]
+        );
+        let args = Args::parse_from(["steward-bench", "--duration", "3m", "--quick"]);
+        assert_eq!(args.duration, Some(Duration::from_secs(180)));
+    }
+}

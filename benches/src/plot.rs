@@ -1,0 +1,114 @@
+//! The SVG plot: percentile distributions (HdrHistogram style: x is the percentile on a
+//! log(1/(1-q)) axis, y the latency on a log axis) of SLO start delay and promotion lag, split
+//! vs monolithic, plus the promotion scenario's lag when it ran.
+
+use crate::hist::Hist;
+use anyhow::anyhow;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Up to p99.99 on the x axis.
+const NINES: f64 = 4.0;
+/// Values are clamped to this floor so that zeros show on the log axis.
+const FLOOR_MS: f64 = 0.01;
+
+pub struct Series<'a> {
+    pub label: String,
+    pub hist: &'a Hist,
+    pub color: RGBColor,
+}
+
+pub struct Panel<'a> {
+    pub title: String,
+    pub series: Vec<Series<'a>>,
+}
+
+pub const SPLIT: RGBColor = RGBColor(31, 119, 180);
+pub const MONOLITHIC: RGBColor = RGBColor(214, 39, 40);
+pub const PROMOTION: RGBColor = RGBColor(44, 160, 44);
+
+fn percentile_label(x: f64) -> String {
+    match x.round() as i64 {
+        0 => "0%".into(),
+        1 => "90%".into(),
+        2 => "99%".into(),
+        3 => "99.9%".into(),
+        4 => "99.99%".into(),
+        _ => String::new(),
+    }
+}
+
+fn ms_label(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{}s", v / 1000.0)
+    } else {
+        format!("{v}ms")
+    }
+}
+
+pub fn draw(path: &Path, panels: &[Panel<'_>]) -> anyhow::Result<()> {
+    let width = 620 * panels.len().max(1) as u32;
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let curves: Vec<(&Series<'_>, Vec<(f64, f64)>)> = panel
+            .series
+            .iter()
+            .map(|s| {
+                let points = s
+                    .hist
+                    .percentile_curve(NINES)
+                    .into_iter()
+                    .map(|(x, y)| (x, y.max(FLOOR_MS)))
+                    .collect();
+                (s, points)
+            })
+            .collect();
+        let top = curves
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+            .fold(1.0f64, f64::max);
+        let y_max = 10f64.powf(top.log10().ceil()).max(1.0);
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
+            .margin(12)
+            .margin_right(36)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..NINES, (FLOOR_MS..y_max).log_scale())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_labels(5)
+            .x_label_formatter(&|x| percentile_label(*x))
+            .y_label_formatter(&|y| ms_label(*y))
+            .x_desc("percentile")
+            .y_desc("latency")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (series, points) in curves {
+            if series.hist.is_empty() || points.is_empty() {
+                continue;
+            }
+            let color = series.color;
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("{} (n={})", series.label, series.hist.len()))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

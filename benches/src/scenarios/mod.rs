@@ -1,0 +1,8 @@
+//! One module per scenario; each returns its result (serialized into the report as is), its
+//! targets, and renders its human table.
+
+pub mod failover;
+pub mod footprint;
+pub mod isolation;
+pub mod promotion;
+pub mod throughput;

@@ -1,0 +1,337 @@
+//! CI smoke test: `steward-bench --quick --json` against a real PostgreSQL. It checks the
+//! report's shape (every scenario ran and has every key, the SVG exists), never its timings.
+//!
+//! The failover and footprint scenarios need the `steward` binary. This test builds it with
+//! `cargo build -p steward` (a no-op when `cargo test --workspace` has already built it) into
+//! the target directory this test runs from, and passes it with `--steward-bin`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_steward-bench");
+
+fn steward_binary() -> PathBuf {
+    let profile_dir = Path::new(BENCH)
+        .parent()
+        .expect("the bench binary's directory");
+    let target_dir = profile_dir.parent().expect("the target directory");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "--quiet", "-p", "steward", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(workspace);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("running cargo build -p steward");
+    assert!(status.success(), "cargo build -p steward failed");
+    let bin = profile_dir.join("steward");
+    assert!(bin.is_file(), "no steward binary at {}", bin.display());
+    bin
+}
+
+fn keys(value: &Value, path: &str, expected: &[&str]) {
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{path} is not an object: {value}"));
+    for key in expected {
+        assert!(object.contains_key(*key), "{path} has no key {key:?}");
+    }
+}
+
+const QUANTILES: &[&str] = &["count", "p50", "p90", "p99", "p999", "max", "mean"];
+
+fn quantiles(value: &Value, path: &str) {
+    keys(value, path, QUANTILES);
+}
+
+#[test]
+fn quick_run_reports_every_scenario_with_every_key() {
+    let out = tempfile::tempdir().unwrap();
+    let steward = steward_binary();
+    let output = Command::new(BENCH)
+        .args(["--quick", "--json", "--out"])
+        .arg(out.path())
+        .arg("--steward-bin")
+        .arg(&steward)
+        .output()
+        .expect("running steward-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "steward-bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}); stderr:\n{stderr}"));
+
+    keys(
+        &report,
+        "report",
+        &[
+            "schema_version",
+            "harness",
+            "mode",
+            "command",
+            "started_at",
+            "finished_at",
+            "wall_s",
+            "machine",
+            "settings",
+            "scenarios",
+            "targets",
+            "plots",
+        ],
+    );
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["mode"], "quick");
+    keys(
+        &report["machine"],
+        "machine",
+        &[
+            "nproc",
+            "memory_gib",
+            "cpu_model",
+            "kernel",
+            "loadavg_at_start",
+            "postgres",
+            "profile",
+        ],
+    );
+    keys(
+        &report["machine"]["postgres"],
+        "machine.postgres",
+        &["version", "fsync", "synchronous_commit", "shared_buffers"],
+    );
+
+    let scenarios = &report["scenarios"];
+    for name in [
+        "isolation",
+        "promotion",
+        "throughput",
+        "failover",
+        "footprint",
+    ] {
+        let entry = &scenarios[name];
+        keys(
+            entry,
+            name,
+            &["status", "error", "elapsed_s", "targets", "result"],
+        );
+        assert_eq!(entry["status"], "ok", "{name}: {}", entry["error"]);
+        for target in entry["targets"].as_array().unwrap() {
+            keys(
+                target,
+                "target",
+                &["name", "target", "value", "unit", "pass"],
+            );
+        }
+    }
+
+    let iso = &scenarios["isolation"]["result"];
+    keys(
+        iso,
+        "isolation",
+        &[
+            "params",
+            "seed_s",
+            "split",
+            "monolithic",
+            "slo_branches",
+            "slo_all_start_delay_ratio",
+        ],
+    );
+    for mode in ["split", "monolithic"] {
+        let m = &iso[mode];
+        keys(
+            m,
+            mode,
+            &[
+                "mode",
+                "window_s",
+                "branches",
+                "slo_start_delay_ms",
+                "slo_wake_delay_ms",
+                "slo_overruns",
+                "promotion_lag_ms",
+                "hygiene_max_pass_ms",
+                "backlog_refilled_rows",
+                "workload",
+            ],
+        );
+        quantiles(&m["slo_start_delay_ms"], "slo_start_delay_ms");
+        quantiles(&m["promotion_lag_ms"], "promotion_lag_ms");
+        for b in m["branches"].as_array().unwrap() {
+            keys(
+                b,
+                "branch",
+                &[
+                    "branch",
+                    "loop",
+                    "runs",
+                    "rows",
+                    "start_delay_ms",
+                    "wake_delay_ms",
+                    "duration_ms",
+                    "overruns",
+                    "delayed_runs",
+                    "timeouts",
+                    "errors",
+                    "last_error",
+                ],
+            );
+        }
+    }
+    let slo: Vec<&str> = iso["slo_branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["branch"].as_str().unwrap())
+        .collect();
+    for branch in [
+        "promote_scheduled",
+        "rescue_expired_callbacks",
+        "rescue_expired_deadlines",
+        "rescue_stale_heartbeats",
+    ] {
+        assert!(slo.contains(&branch), "no SLO row for {branch}: {slo:?}");
+    }
+    for row in iso["slo_branches"].as_array().unwrap() {
+        keys(
+            row,
+            "slo row",
+            &[
+                "branch",
+                "split_start_delay_ms",
+                "monolithic_start_delay_ms",
+                "split_overruns",
+                "monolithic_overruns",
+                "split_delayed_runs",
+                "monolithic_delayed_runs",
+                "start_delay_ratio",
+                "split_promotion_lag_ms",
+                "monolithic_promotion_lag_ms",
+                "promotion_lag_ratio",
+            ],
+        );
+        keys(&row["start_delay_ratio"], "ratio", &["p50", "p99", "max"]);
+    }
+
+    let promo = &scenarios["promotion"]["result"];
+    keys(
+        promo,
+        "promotion",
+        &[
+            "rate",
+            "horizon_s",
+            "window_s",
+            "achieved_rate",
+            "lag_ms",
+            "promote_runs",
+            "promoted_rows",
+            "promote_start_delay_ms",
+            "promote_wake_delay_ms",
+            "workload",
+        ],
+    );
+    quantiles(&promo["lag_ms"], "lag_ms");
+
+    let tput = &scenarios["throughput"]["result"];
+    keys(
+        tput,
+        "throughput",
+        &["rows_per_backlog", "repeats", "large_batch", "branches"],
+    );
+    let names: Vec<&str> = tput["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["branch"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "promote_scheduled",
+            "rescue_stale_heartbeats",
+            "rescue_expired_deadlines",
+            "rescue_expired_callbacks",
+            "cleanup"
+        ]
+    );
+    for b in tput["branches"].as_array().unwrap() {
+        keys(
+            b,
+            "throughput branch",
+            &[
+                "branch",
+                "rows",
+                "plain_s",
+                "plain_rows_per_s",
+                "plain_samples_s",
+                "plain_sql",
+                "default",
+                "large",
+            ],
+        );
+        for config in ["default", "large"] {
+            keys(
+                &b[config],
+                config,
+                &[
+                    "config",
+                    "batch_size",
+                    "max_batches_per_run",
+                    "passes",
+                    "seconds",
+                    "rows_per_s",
+                    "ratio",
+                    "samples_s",
+                ],
+            );
+        }
+    }
+
+    let failover = &scenarios["failover"]["result"];
+    keys(
+        failover,
+        "failover",
+        &[
+            "trials",
+            "settle_ms",
+            "steward_bin",
+            "failover_ms",
+            "acquired_ms",
+            "samples_ms",
+        ],
+    );
+    quantiles(&failover["failover_ms"], "failover_ms");
+    assert_eq!(failover["samples_ms"].as_array().unwrap().len(), 5);
+
+    keys(
+        &scenarios["footprint"]["result"],
+        "footprint",
+        &[
+            "window_s",
+            "steward_bin",
+            "cpu_seconds",
+            "cpu_percent",
+            "rss_mib_mean",
+            "rss_mib_max",
+            "threads",
+            "db_backends",
+            "db_backend_cpu_percent",
+        ],
+    );
+
+    let svg = out.path().join("distributions.svg");
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(plots, [svg.to_str().unwrap()]);
+    let svg_text = std::fs::read_to_string(&svg).expect("the SVG plot");
+    assert!(svg_text.starts_with("<svg"), "not an SVG");
+    assert!(out.path().join("report.json").is_file());
+    assert!(out.path().join("report.txt").is_file());
+}
