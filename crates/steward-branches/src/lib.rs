@@ -29,6 +29,7 @@ use std::time::Duration;
 use steward_queue::JobState;
 use steward_schema::SchemaName;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
 /// Which loop a branch belongs to in split mode.
@@ -88,19 +89,59 @@ pub struct BranchContext<'a> {
     pub timeouts: Timeouts,
 }
 
+/// The fence every branch transaction opens with: this term's epoch must still be current.
+/// `FOR KEY SHARE` on the one-row `leader` table (primary key) conflicts with the `FOR UPDATE`
+/// that a new term's start takes, so a new term waits for in-flight passes of the old one, and
+/// no old-term pass gets past this line afterwards. Also sets the transaction's timeouts.
+pub const FENCE: &str = "
+SELECT epoch, set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)
+FROM leader WHERE id = 1 FOR KEY SHARE";
+
+/// [`FENCE`], and the commit does not wait for its WAL flush (`synchronous_commit = off`).
+/// Only for work that is idempotent and re-derived from the table itself (see
+/// [`Durability::Relaxed`]).
+pub const FENCE_RELAXED: &str = "
+SELECT epoch, set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
+       set_config('synchronous_commit', 'off', true)
+FROM leader WHERE id = 1 FOR KEY SHARE";
+
+/// How a fenced transaction's commit is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The session's setting (by default the commit waits for its WAL flush).
+    Default,
+    /// The commit returns before its WAL flush. Safe where a lost commit (a server crash in
+    /// the next few hundred milliseconds) only means the same rows are found and changed again
+    /// by the next pass, and where any later commit that depends on this one (a worker's
+    /// claim of a promoted job) flushes it anyway, since WAL is flushed in order.
+    Relaxed,
+}
+
 impl<'a> BranchContext<'a> {
     /// Begins a transaction with this branch's statement and lock timeouts, after checking
     /// (under a KEY SHARE lock on the `leader` row, which a new term's epoch increment must
     /// wait for) that this pass's term is still the current one. One round trip after BEGIN.
     pub async fn fenced(&mut self) -> Result<Transaction<'_>, BranchError> {
+        self.fenced_with(Durability::Default).await
+    }
+
+    /// [`Self::fenced`] with a choice of commit durability.
+    pub async fn fenced_with(
+        &mut self,
+        durability: Durability,
+    ) -> Result<Transaction<'_>, BranchError> {
         let statement_ms = format!("{}ms", self.timeouts.statement.as_millis().max(1));
         let lock_ms = format!("{}ms", self.timeouts.lock.as_millis().max(1));
+        let fence = match durability {
+            Durability::Default => FENCE,
+            Durability::Relaxed => FENCE_RELAXED,
+        };
         let tx = self.client.transaction().await?;
+        // Typed parameters: parse, bind and execute in one round trip instead of two.
         let row = tx
-            .query_one(
-                "SELECT epoch, set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)
-                 FROM leader WHERE id = 1 FOR KEY SHARE",
-                &[&statement_ms, &lock_ms],
+            .query_typed_one(
+                fence,
+                &[(&statement_ms, Type::TEXT), (&lock_ms, Type::TEXT)],
             )
             .await?;
         let current: i64 = row.get(0);

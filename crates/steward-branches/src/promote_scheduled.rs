@@ -1,18 +1,22 @@
 //! `promote_scheduled`: scheduled and retryable jobs whose time has come become available.
 //!
 //! Runs in batches, each its own short fenced transaction, and reports each job's promotion lag
-//! (now − run_at). Between runs it sleeps until the earliest due job (never longer than the
+//! (now − run_at). Commits do not wait for their WAL flush ([`Durability::Relaxed`]): a
+//! promotion lost in a server crash leaves the job scheduled and due, so the next pass
+//! promotes it again, and a worker's claim of a promoted job flushes the promotion with it. Between runs it sleeps until the earliest due job (never longer than the
 //! interval, never shorter than `min_wake_gap`), and it publishes that wake-up time in
 //! `leader.promote_wakeup_at` so that producers NOTIFY only for jobs due before it.
 
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
-    Observation, Outcome,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Durability, InvalidConfig,
+    LoopKind, Observation, Outcome,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
 use steward_schema::SchemaName;
+use tokio_postgres::types::Type;
+use tokio_postgres::Transaction;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
 /// are skipped. Index: jobs_due_idx. Returns each job's lag in seconds.
@@ -41,6 +45,8 @@ pub const PUBLISH_WAKEUP: &str = "
 UPDATE leader SET promote_wakeup_at = clock_timestamp() + $1::float8 * interval '1 second'
 WHERE id = 1";
 
+/// Withdraws the published wake-up when the promoter will wake too soon for a NOTIFY to help
+/// (writes only when one is published). Primary key of `leader`.
 pub const CLEAR_WAKEUP: &str = "
 UPDATE leader SET promote_wakeup_at = NULL WHERE id = 1 AND promote_wakeup_at IS NOT NULL";
 
@@ -131,23 +137,28 @@ impl Branch for PromoteScheduled {
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
         let mut lags = Vec::new();
-        let mut more_left = false;
-        for batch in 0..self.config.max_batches_per_run {
-            let tx = ctx.fenced().await?;
-            let rows = tx.query(PROMOTE, &[&self.config.batch_size]).await?;
-            tx.commit().await?;
+        let mut run_again_in = None;
+        for batch in 1..=self.config.max_batches_per_run {
+            let tx = ctx.fenced_with(Durability::Relaxed).await?;
+            let rows = tx
+                .query_typed(PROMOTE, &[(&self.config.batch_size, Type::INT8)])
+                .await?;
             lags.extend(rows.iter().map(|r| r.get::<_, f64>(0)));
-            if (rows.len() as i64) < self.config.batch_size {
-                break;
+            let full = rows.len() as i64 == self.config.batch_size;
+            if full && batch < self.config.max_batches_per_run {
+                tx.commit().await?;
+                continue;
             }
-            more_left = batch + 1 == self.config.max_batches_per_run;
+            // The last batch of the pass plans the next wake-up in the same transaction: one
+            // commit fewer on the path every promotion waits on.
+            run_again_in = if full {
+                Some(Duration::ZERO)
+            } else {
+                self.plan_wakeup(&tx).await?
+            };
+            tx.commit().await?;
+            break;
         }
-
-        let run_again_in = if more_left {
-            Some(Duration::ZERO)
-        } else {
-            self.plan_wakeup(ctx).await?
-        };
         let rows = lags.len() as u64;
         let observations = if lags.is_empty() {
             Vec::new()
@@ -165,12 +176,8 @@ impl Branch for PromoteScheduled {
 impl PromoteScheduled {
     /// When to run next: at the earliest due job, within [min_wake_gap, interval]. Publishes
     /// the wake-up for producers when it is far enough away to matter.
-    async fn plan_wakeup(
-        &self,
-        ctx: &mut BranchContext<'_>,
-    ) -> Result<Option<Duration>, BranchError> {
-        let tx = ctx.fenced().await?;
-        let next_due: Option<f64> = tx.query_one(NEXT_DUE, &[]).await?.get(0);
+    async fn plan_wakeup(&self, tx: &Transaction<'_>) -> Result<Option<Duration>, BranchError> {
+        let next_due: Option<f64> = tx.query_typed_one(NEXT_DUE, &[]).await?.get(0);
         let sleep = match next_due {
             Some(secs) if secs < self.config.interval.as_secs_f64() => {
                 Duration::from_secs_f64(secs.max(0.0)).max(self.config.min_wake_gap)
@@ -178,11 +185,11 @@ impl PromoteScheduled {
             _ => self.config.interval,
         };
         if sleep >= self.config.publish_threshold {
-            tx.execute(PUBLISH_WAKEUP, &[&sleep.as_secs_f64()]).await?;
+            tx.query_typed(PUBLISH_WAKEUP, &[(&sleep.as_secs_f64(), Type::FLOAT8)])
+                .await?;
         } else {
-            tx.execute(CLEAR_WAKEUP, &[]).await?;
+            tx.query_typed(CLEAR_WAKEUP, &[]).await?;
         }
-        tx.commit().await?;
         Ok((sleep < self.config.interval).then_some(sleep))
     }
 }
