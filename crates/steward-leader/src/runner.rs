@@ -130,6 +130,12 @@ impl LoopTask {
         let mut connection: Option<Connection> = None;
         let mut backoff = self.settings.reconnect_min;
         let mut first_pass = true;
+        // Set when the database stopped answering: the reconnect then restarts the rescues'
+        // quiet period, counted from the moment contact is back.
+        let mut contact_lost = false;
+        // Registers the loop with /healthz from the term's start, so that one stuck before its
+        // first pass (connecting, a first statement that hangs) shows as stalled.
+        self.observer.loop_progress(self.name, self.epoch);
         loop {
             if self.stop.is_stopped() {
                 return LoopExit::Stopped;
@@ -139,8 +145,12 @@ impl LoopTask {
                     Ok(c) => {
                         connection = Some(c);
                         backoff = self.settings.reconnect_min;
+                        if std::mem::take(&mut contact_lost) {
+                            self.contact.restored_now();
+                        }
                     }
                     Err(error) => {
+                        contact_lost = true;
                         tracing::warn!(loop_name = self.name, %error, retry_in = ?backoff, "maintenance loop cannot reach the database");
                         tokio::select! {
                             _ = self.stop.stopped() => return LoopExit::Stopped,
@@ -178,7 +188,7 @@ impl LoopTask {
                         None => {
                             tracing::warn!(loop_name = self.name, "work connection closed; reconnecting");
                             connection = None;
-                            self.contact.restored_now();
+                            contact_lost = true;
                         }
                     }
                     continue;
@@ -234,7 +244,7 @@ impl LoopTask {
             };
             let duration = started.elapsed();
 
-            let (run_result, outcome, lost_connection) = classify(result);
+            let (run_result, outcome, fate) = classify(result);
             span.record("rows", outcome.rows);
             span.record("outcome", run_result.outcome());
             drop(span);
@@ -272,13 +282,20 @@ impl LoopTask {
 
             let interval = branch.interval();
             let wait = outcome.run_again_in.map_or(interval, |d| d.min(interval));
-            slot.due = started + wait;
+            // A branch cannot be due before its own pass has ended: one that asks to go again
+            // sooner than its pass lasts is due when the pass ends, so that its start delay
+            // measures waiting for the loop (a sibling), not its own previous pass.
+            slot.due = (started + wait).max(started + duration);
             if run_result == RunResult::Fenced {
                 return LoopExit::Superseded;
             }
-            if lost_connection {
-                connection = None;
-                self.contact.restored_now();
+            match fate {
+                ConnectionFate::Keep => {}
+                ConnectionFate::Replace => connection = None,
+                ConnectionFate::Lost => {
+                    connection = None;
+                    contact_lost = true;
+                }
             }
         }
     }
@@ -358,18 +375,37 @@ fn effective_due(slot: &Slot, contact_anchor: Instant) -> Instant {
 
 type PassResult = Result<Result<Outcome, BranchError>, Box<dyn std::any::Any + Send>>;
 
-/// The pass's result for reporting, its outcome (empty on failure), and whether the work
-/// connection must be replaced.
-fn classify(result: PassResult) -> (RunResult, Outcome, bool) {
+/// What becomes of the work connection after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectionFate {
+    Keep,
+    /// Its state is unknown (a panic mid-transaction): open a new one. The database itself
+    /// answered throughout, so the rescues' quiet period does not start again.
+    Replace,
+    /// The database stopped answering.
+    Lost,
+}
+
+/// The pass's result for reporting, its outcome (empty on failure), and what becomes of the
+/// work connection.
+fn classify(result: PassResult) -> (RunResult, Outcome, ConnectionFate) {
     match result {
-        Ok(Ok(outcome)) => (RunResult::Ok, outcome, false),
-        Ok(Err(BranchError::Fenced { .. })) => (RunResult::Fenced, Outcome::default(), false),
-        Ok(Err(e @ BranchError::Timeout(_))) => {
-            (RunResult::Timeout(e.to_string()), Outcome::default(), false)
+        Ok(Ok(outcome)) => (RunResult::Ok, outcome, ConnectionFate::Keep),
+        Ok(Err(BranchError::Fenced { .. })) => {
+            (RunResult::Fenced, Outcome::default(), ConnectionFate::Keep)
         }
+        Ok(Err(e @ BranchError::Timeout(_))) => (
+            RunResult::Timeout(e.to_string()),
+            Outcome::default(),
+            ConnectionFate::Keep,
+        ),
         Ok(Err(e)) => {
-            let lost = e.is_connection_lost();
-            (RunResult::Error(e.to_string()), Outcome::default(), lost)
+            let fate = if e.is_connection_lost() {
+                ConnectionFate::Lost
+            } else {
+                ConnectionFate::Keep
+            };
+            (RunResult::Error(e.to_string()), Outcome::default(), fate)
         }
         Err(panic) => {
             let message = panic
@@ -378,7 +414,11 @@ fn classify(result: PassResult) -> (RunResult, Outcome, bool) {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_owned());
             // The connection may be mid-transaction in an unknown state: start afresh.
-            (RunResult::Panicked(message), Outcome::default(), true)
+            (
+                RunResult::Panicked(message),
+                Outcome::default(),
+                ConnectionFate::Replace,
+            )
         }
     }
 }
