@@ -35,9 +35,8 @@ DELETE FROM dirty_queues WHERE queue IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING queue";
 
-/// Exact counts per state of the queues in $1, with the time they were taken. No index covers
-/// the queue for every state (jobs_claim_idx only holds available jobs), so this is one
-/// sequential scan per batch, whatever the batch size.
+/// Exact counts per state of the queues in $1, with the time they were taken. Index:
+/// jobs_queue_state_idx (queue, state), read for the dirty queues only.
 pub const COUNT_QUEUES: &str = "
 SELECT statement_timestamp(),
        coalesce(array_agg(queue), '{}'),

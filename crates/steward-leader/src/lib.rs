@@ -235,12 +235,17 @@ impl Candidate {
         let mut config = self.base_config.clone().unwrap_or_default();
         config.application_name(&application_name);
         let s = &self.settings;
+        // Keepalives only probe an idle connection. When data is in flight as the path goes
+        // dark (a reply the peer never acknowledges), TCP retransmits for many minutes
+        // instead; the user timeout bounds that to the same time the keepalives take.
+        let user_timeout = s.keepalive_idle + s.keepalive_interval * s.keepalive_retries;
         let options = format!(
-            "{} -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} -c client_connection_check_interval={}ms {extra_options}",
+            "{} -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} -c tcp_user_timeout={} -c client_connection_check_interval={}ms {extra_options}",
             config.get_options().unwrap_or_default(),
             s.keepalive_idle.as_secs().max(1),
             s.keepalive_interval.as_secs().max(1),
             s.keepalive_retries,
+            user_timeout.as_millis(),
             s.connection_check_interval.as_millis(),
         );
         config
@@ -249,6 +254,7 @@ impl Candidate {
             .keepalives_idle(s.keepalive_idle)
             .keepalives_interval(s.keepalive_interval)
             .keepalives_retries(s.keepalive_retries)
+            .tcp_user_timeout(user_timeout)
             .connect_timeout(Duration::from_secs(10));
         config
     }
@@ -298,8 +304,21 @@ impl Candidate {
                     continue;
                 }
             };
-            backoff = self.settings.reconnect_min;
-            steward_schema::check_schema(session.client(), &self.schema).await?;
+            match steward_schema::check_schema(session.client(), &self.schema).await {
+                Ok(_) => backoff = self.settings.reconnect_min,
+                // A database error here (a restart, a dropped connection) is retried like any
+                // other; only a schema that is missing or at another version stops the process.
+                Err(steward_schema::SchemaError::Db(error)) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "could not check the schema version; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.settings.reconnect_max);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            }
 
             tracing::info!(instance = %self.instance, "standing by for leadership");
             let watcher_stop = CancellationToken::new();

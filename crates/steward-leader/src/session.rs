@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 /// milliseconds of the holder's session ending).
 pub const ACQUIRE: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
 
+/// Releases the leadership lock on a clean step-down (held in session memory: no table).
 pub const RELEASE: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
 
 /// Opens a term in one statement: takes the `leader` row FOR UPDATE (which waits for every
@@ -38,6 +39,7 @@ SELECT epoch, $1, $2, $3 FROM opened
 RETURNING epoch";
 
 /// Closes our term on a clean step-down, so `steward status` shows no leader until the next.
+/// Primary keys of leader_terms (epoch) and leader (id).
 pub const END_TERM: &str = "
 WITH ended AS (
     UPDATE leader_terms SET ended_at = now(), end_reason = $2
@@ -119,13 +121,14 @@ impl LeaderSession {
 }
 
 /// Reads the current leader's progress and who it is. DB clock on both sides, so no skew.
+/// Primary key of the one-row leader table.
 pub const LEADER_PROGRESS: &str = "
 SELECT epoch, instance, extract(epoch FROM clock_timestamp() - last_progress_at)::float8
 FROM leader WHERE id = 1 AND instance IS NOT NULL AND resigned_at IS NULL";
 
 /// Ends every session of a wedged instance (its lock session releases the lock; its work
 /// sessions can no longer commit). Matches the application_name every Steward connection
-/// carries: `steward:<instance>:<role>`.
+/// carries: `steward:<instance>:<role>`. Reads pg_stat_activity (one row per backend).
 pub const TERMINATE_INSTANCE: &str = "
 SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
 FROM pg_stat_activity

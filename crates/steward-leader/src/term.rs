@@ -21,7 +21,8 @@ pub enum TermEnd {
     Lost(String),
 }
 
-/// Upserts per-branch health from a batch of parallel arrays. Primary key of branch_health.
+/// Upserts per-branch health from a batch of parallel arrays; a writer of an older term never
+/// overwrites a newer term's rows. Primary key of branch_health.
 pub const UPSERT_BRANCH_HEALTH: &str = "
 INSERT INTO branch_health (branch, loop_name, epoch, last_run_at, last_duration_ms, last_start_delay_ms,
     last_rows, last_success_at, last_error, last_error_at, overrun_state, overrun_episodes, runs, errors, updated_at)
@@ -37,9 +38,11 @@ ON CONFLICT (branch) DO UPDATE SET
     last_error = coalesce(excluded.last_error, branch_health.last_error),
     last_error_at = coalesce(excluded.last_error_at, branch_health.last_error_at),
     overrun_state = excluded.overrun_state, overrun_episodes = excluded.overrun_episodes,
-    runs = excluded.runs, errors = excluded.errors, updated_at = now()";
+    runs = excluded.runs, errors = excluded.errors, updated_at = now()
+WHERE branch_health.epoch <= excluded.epoch";
 
 /// The leader's progress mark, which standbys watch. Zero rows: a newer term has started.
+/// Primary key of the one-row leader table; `FOR NO KEY UPDATE`, so it never waits for fences.
 pub const MARK_PROGRESS: &str = "
 UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = $1";
 
@@ -86,7 +89,7 @@ pub async fn run_term(
     let stop = StopSignal::default();
     let contact = ContactMonitor::new();
     let plans = plan_loops(settings.loop_mode, &candidate.branches);
-    let spawn_loop = |tasks: &mut JoinSet<LoopExit>, plan: &LoopPlan| {
+    let spawn_loop = |tasks: &mut JoinSet<LoopExit>, plan: &LoopPlan, delay: Duration| {
         let task = LoopTask {
             name: plan.name,
             branches: plan.branches.clone(),
@@ -103,12 +106,19 @@ pub async fn run_term(
                 reconnect_max: settings.reconnect_max,
             },
         };
-        tasks.spawn(task.run()).id()
+        // The restart delay runs inside the new task, so the term keeps watching its
+        // leadership meanwhile.
+        tasks
+            .spawn(async move {
+                tokio::time::sleep(delay).await;
+                task.run().await
+            })
+            .id()
     };
     let mut tasks = JoinSet::new();
     let mut task_plan: HashMap<tokio::task::Id, usize> = HashMap::new();
     for (i, plan) in plans.iter().enumerate() {
-        task_plan.insert(spawn_loop(&mut tasks, plan), i);
+        task_plan.insert(spawn_loop(&mut tasks, plan, Duration::ZERO), i);
     }
     let writer_stop = CancellationToken::new();
     let mut writer = tokio::spawn(health_writer(
@@ -163,8 +173,7 @@ pub async fn run_term(
                 let plan = &plans[index];
                 tracing::error!(loop_name = plan.name, %reason, "maintenance loop died; restarting it");
                 candidate.observer().loop_restarted(plan.name, &reason);
-                tokio::time::sleep(settings.reconnect_min).await;
-                task_plan.insert(spawn_loop(&mut tasks, plan), index);
+                task_plan.insert(spawn_loop(&mut tasks, plan, settings.reconnect_min), index);
             }
         }
     };
