@@ -221,22 +221,29 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
         terminate_sessions(&db, a.candidate.instance(), "leader").await,
         1
     );
+    let cut = Instant::now();
     eventually("b takes over with epoch 2", || {
         b.recorder.acquired() == vec![2]
     })
     .await;
     eventually("a notices the loss", || a.recorder.lost_at(1).is_some()).await;
-    let lost = a.recorder.lost_at(1).unwrap();
-    // Neither of a's loops started a branch after the loss.
+    // The leader connection's end is noticed at once, and both loops stop before any further
+    // branch starts. Allow 500 ms for the termination to reach a's connection driver: had the
+    // loops gone on, the SLO branch (every 20 ms) would have started ~25 times in that span.
+    let noticed_by = cut + Duration::from_millis(500);
     let late: Vec<Run> = a
         .recorder
         .runs()
         .into_iter()
-        .filter(|r| r.epoch == 1 && r.start > lost)
+        .filter(|r| r.epoch == 1 && r.start > noticed_by)
         .collect();
     assert!(
         late.is_empty(),
-        "branches started after leadership was lost: {late:?}"
+        "branches of epoch 1 started after its leader connection was cut: {late:?}"
+    );
+    assert!(
+        a.recorder.lost_at(1).unwrap() < cut + Duration::from_secs(5),
+        "a noticed the loss of its leader connection late"
     );
     eventually("b runs both loops", || {
         let runs = b.recorder.runs();
@@ -611,5 +618,59 @@ async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_
         (JobState::Running, live.run_lease)
     );
     assert!(job.error_entries().is_empty());
+    leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
+    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
+    use steward_queue::{JobState, NewJob, Queue};
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool(2), db.schema());
+    queue.enqueue(&NewJob::new("dead")).await.unwrap();
+    let dead = queue.claim("default", 1).await.unwrap()[0].lease;
+    db.client()
+        .await
+        .batch_execute("UPDATE jobs SET heartbeat_at = now() - interval '10 seconds'")
+        .await
+        .unwrap();
+    // A panic replaces the loop's connection, but the database answered throughout: the
+    // rescue's quiet period (1 s) must not start again at every panic (every 50 ms here).
+    let panicking: Arc<dyn Branch> = Arc::new(TestBranch {
+        name: "test_panic",
+        kind: LoopKind::Hygiene,
+        interval: Duration::from_millis(50),
+        hold: Duration::ZERO,
+        panics: true,
+    });
+    let rescue = RescueStaleHeartbeats::new(Config {
+        interval: Duration::from_millis(50),
+        staleness: Duration::from_secs(1),
+        ..Config::default()
+    });
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Monolithic),
+        vec![panicking, Arc::new(rescue)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = queue.get(dead.job_id).await.unwrap().unwrap();
+        if job.state == JobState::Retryable {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's job was never rescued while a sibling kept panicking"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let panics = leader
+        .recorder
+        .runs()
+        .iter()
+        .filter(|r| matches!(r.result, RunResult::Panicked(_)))
+        .count();
+    assert!(panics >= 5, "the sibling panicked only {panics} times");
     leader.stop().await;
 }
