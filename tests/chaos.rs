@@ -323,10 +323,10 @@ const LOOP_STOP_BOUND_MS: u128 = 1_000;
 ///
 /// Keepalives (TCP, both sides; `leader.keepalive_idle`, `leader.keepalive_interval`,
 /// `leader.keepalive_retries`): the server drops a silent peer's session after about
-/// idle + interval x retries (here 1 s + 1 s x 2). Steward sets no `tcp_user_timeout`, so a
-/// session whose server side has unacknowledged data when the path goes dark (a reply in
-/// flight) waits for TCP retransmissions to give up instead (minutes); the kernel rules are
-/// installed 100 ms after the proxy goes silent so that what was in flight is acknowledged.
+/// idle + interval x retries (here 1 s + 1 s x 2). A session whose server side has
+/// unacknowledged data when the path goes dark (a reply in flight) is bounded by the same time
+/// through `tcp_user_timeout`, which Steward sets alongside; so the kernel rules go in at the
+/// moment the proxy goes silent, whatever is in flight.
 #[test]
 fn network_cut_server_drops_the_old_session_by_keepalive() {
     if !KernelBlackHole::available() {
@@ -397,10 +397,8 @@ fn network_cut(cut: Cut) {
 
     let cut_at = SystemTime::now();
     proxy.black_hole();
-    let _kernel = (cut == Cut::Kernel).then(|| {
-        std::thread::sleep(Duration::from_millis(100));
-        KernelBlackHole::drop_connections(server, &proxy.upstream_addrs())
-    });
+    let _kernel = (cut == Cut::Kernel)
+        .then(|| KernelBlackHole::drop_connections(server, &proxy.upstream_addrs()));
 
     let lost = wait_until(
         "A logging the loss of its term",
