@@ -27,7 +27,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use steward_queue::JobState;
-use steward_schema::SchemaName;
+use steward_schema::{describe_pg_error, SchemaName};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
@@ -232,9 +232,9 @@ pub enum BranchError {
         "leadership term {epoch} is over (the current term is {current}); nothing was committed"
     )]
     Fenced { epoch: i64, current: i64 },
-    #[error("statement timed out: {0}")]
+    #[error("statement timed out: {}", describe_pg_error(.0))]
     Timeout(tokio_postgres::Error),
-    #[error("database: {0}")]
+    #[error("database: {}", describe_pg_error(.0))]
     Db(tokio_postgres::Error),
 }
 

@@ -4,17 +4,29 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::{Client, Config, Connection, NoTls};
 
+/// A driver error with its cause. tokio-postgres's own message is only its kind ("db error",
+/// "error connecting to server"); the server's message or the OS error is what an operator
+/// needs to read in a log line.
+pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+// The driver error is shown in full in the message (see `describe_pg_error`) and so is not
+// also chained as the `source`, which would print it twice in `anyhow`'s report.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("invalid database URL {url}: {source}")]
+    #[error("invalid database URL {url}: {}", describe_pg_error(.cause))]
     InvalidUrl {
         url: String,
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", describe_pg_error(.cause))]
     Connect {
         url: String,
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
     #[error("cannot build connection pool: {0}")]
     Pool(String),
@@ -114,9 +126,9 @@ pub fn pg_config(
     let url_for_driver = TlsParams::parse(url)?.rewritten;
     let mut config: Config = url_for_driver
         .parse()
-        .map_err(|source| ConnectError::InvalidUrl {
+        .map_err(|cause| ConnectError::InvalidUrl {
             url: redact_url(url),
-            source,
+            cause,
         })?;
     let pinned = format!("-c search_path={schema}");
     let options = match config.get_options() {
@@ -181,10 +193,10 @@ where
     let _ = ended.send(true);
 }
 
-fn connect_error(config: &Config, source: tokio_postgres::Error) -> ConnectError {
+fn connect_error(config: &Config, cause: tokio_postgres::Error) -> ConnectError {
     ConnectError::Connect {
         url: describe(config),
-        source,
+        cause,
     }
 }
 

@@ -11,7 +11,7 @@ mod tls;
 
 pub use connect::{
     cancel_query, connect, connect_listening, connect_listening_with, connect_watched,
-    connect_with, pg_config, pool, pool_with, redact_url, ConnectError,
+    connect_with, describe_pg_error, pg_config, pool, pool_with, redact_url, ConnectError,
 };
 pub use migrate::{
     check_schema, latest_version, migrate, migrations_fingerprint, MigrateReport, SchemaError,

@@ -26,8 +26,14 @@ pub enum SchemaError {
     },
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
-    #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    #[error("database error: {}", crate::describe_pg_error(.0))]
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for SchemaError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SchemaError::Db(e)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
