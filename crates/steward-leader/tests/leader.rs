@@ -302,7 +302,8 @@ async fn split_mode_keeps_slo_branches_running_during_a_slow_hygiene_pass() {
     let leader = start(
         &db,
         fast_settings(LoopMode::Split),
-        vec![slo(20), hygiene(100, 1500)],
+        // 900 ms stays inside the 1 s statement timeout derived from the 100 ms interval.
+        vec![slo(20), hygiene(100, 900)],
     );
     eventually("two slow hygiene passes", || {
         leader
@@ -572,6 +573,11 @@ async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The pass's commit is visible before the loop reports the pass.
+    eventually("the rescuing pass is reported", || {
+        first_rows_at(&leader.recorder, "rescue_stale_heartbeats").is_some()
+    })
+    .await;
     let rescued_at = first_rows_at(&leader.recorder, "rescue_stale_heartbeats").unwrap();
     assert!(
         rescued_at >= elected + quiet - Duration::from_millis(200),
@@ -673,4 +679,106 @@ async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
         .count();
     assert!(panics >= 5, "the sibling panicked only {panics} times");
     leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_derived_timeout_is_cut_and_the_loop_goes_on() {
+    let db = TestDb::new().await;
+    // Interval 100 ms: statement timeout 1 s (Timeouts::for_interval); the pass sleeps 3 s.
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Split),
+        vec![slo(20), hygiene(100, 3000)],
+    );
+    eventually("two hygiene passes cut by the statement timeout", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .filter(|r| r.branch == "test_hygiene" && matches!(r.result, RunResult::Timeout(_)))
+            .count()
+            >= 2
+    })
+    .await;
+    let runs = leader.recorder.runs();
+    for run in runs.iter().filter(|r| r.branch == "test_hygiene") {
+        let took = run.end - run.start;
+        assert!(
+            took < Duration::from_millis(2500),
+            "a hygiene pass ran {took:?}, past its 1 s statement timeout"
+        );
+    }
+    let health = leader.candidate.health().snapshot();
+    let entry = health
+        .branches
+        .iter()
+        .find(|b| b.branch == "test_hygiene")
+        .unwrap();
+    assert!(
+        entry
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("statement timeout")),
+        "{:?}",
+        entry.last_error
+    );
+    assert!(
+        runs.iter()
+            .filter(|r| r.branch == "test_slo" && r.result == RunResult::Ok)
+            .count()
+            >= 10
+    );
+    leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releases_the_lock() {
+    let db = TestDb::new().await;
+    let settings = LeaderSettings {
+        shutdown_grace: Duration::from_millis(200),
+        ..fast_settings(LoopMode::Split)
+    };
+    let leader = start(&db, settings.clone(), vec![slo(20), hygiene(60_000, 900)]);
+    eventually("leads", || leader.recorder.acquired() == vec![1]).await;
+    let observer = db.client().await;
+    let sleeping = format!("steward:{}:hygiene", leader.candidate.instance());
+    let count_sleeping = || {
+        let observer = &observer;
+        let sleeping = sleeping.clone();
+        async move {
+            observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                    &[&sleeping],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_sleeping().await == 0 {
+        assert!(Instant::now() < deadline, "the hygiene pass never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let standby = start(&db, settings, vec![slo(20)]);
+    let asked = Instant::now();
+    leader.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), leader.task)
+        .await
+        .expect("the leader exits within grace + 1 s + step-down")
+        .unwrap()
+        .expect("clean stop");
+    let stopped_in = asked.elapsed();
+    // The 900 ms statement was cancelled after the 200 ms grace, not waited for.
+    assert!(
+        stopped_in < Duration::from_millis(850),
+        "stopping took {stopped_in:?}: the running statement was waited for"
+    );
+    eventually("the standby leads with epoch 2", || {
+        standby.recorder.acquired() == vec![2]
+    })
+    .await;
+    standby.stop().await;
 }
