@@ -782,3 +782,42 @@ async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releas
     .await;
     standby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_wakes_the_promoter_long_before_its_interval() {
+    use steward_branches::promote_scheduled::{Config, PromoteScheduled};
+    use steward_queue::{JobState, NewJob, Queue};
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool(2), db.schema());
+    // Interval 60 s: with an empty queue the promoter publishes a wake-up a minute away, so
+    // only the producer's NOTIFY can make it promote a job due in 300 ms any sooner.
+    let promote = PromoteScheduled::new(Config {
+        interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let leader = start(&db, fast_settings(LoopMode::Split), vec![Arc::new(promote)]);
+    eventually("the promoter ran once and published its wake-up", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .any(|r| r.branch == "promote_scheduled" && r.result == RunResult::Ok)
+    })
+    .await;
+    let steward_queue::Enqueued::New(id) = queue
+        .enqueue(&NewJob::new("soon").run_in(Duration::from_millis(300)))
+        .await
+        .unwrap()
+    else {
+        panic!("a job without a unique key is always new")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue.get(id).await.unwrap().unwrap().state != JobState::Available {
+        assert!(
+            Instant::now() < deadline,
+            "the job was not promoted within 20 s: the NOTIFY did not wake the loop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leader.stop().await;
+}
