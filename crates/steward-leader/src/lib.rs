@@ -331,7 +331,7 @@ impl Candidate {
                 watcher_stop.clone(),
             ));
             let acquired = tokio::select! {
-                result = session.acquire(&lock_name) => result.map_err(|e| e.to_string()),
+                result = session.acquire(&lock_name) => result.map_err(|e| steward_schema::describe_pg_error(&e)),
                 _ = session.ended() => Err("the leader connection closed while waiting".to_owned()),
                 _ = shutdown.cancelled() => {
                     watcher_stop.cancel();
@@ -350,7 +350,7 @@ impl Candidate {
             {
                 Ok(epoch) => epoch,
                 Err(error) => {
-                    tracing::warn!(%error, "could not start a leadership term; retrying");
+                    tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not start a leadership term; retrying");
                     continue;
                 }
             };

@@ -315,7 +315,7 @@ impl LoopTask {
             client
                 .batch_execute(&format!("LISTEN {channel}"))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| steward_schema::describe_pg_error(&e))?;
         }
         Ok(Connection {
             client,

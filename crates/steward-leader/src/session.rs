@@ -111,7 +111,7 @@ impl LeaderSession {
         match tokio::time::timeout(timeout, work).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                tracing::warn!(%error, "could not record the end of the term; closing the session releases the lock")
+                tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not record the end of the term; closing the session releases the lock")
             }
             Err(_) => tracing::warn!(
                 "recording the end of the term timed out; closing the session releases the lock"
@@ -159,7 +159,7 @@ pub async fn watch_for_wedged_leader(
         let row = match c.query_opt(LEADER_PROGRESS, &[]).await {
             Ok(row) => row,
             Err(error) => {
-                tracing::debug!(%error, "wedge check failed");
+                tracing::debug!(error = %steward_schema::describe_pg_error(&error), "wedge check failed");
                 continue;
             }
         };
@@ -177,7 +177,7 @@ pub async fn watch_for_wedged_leader(
                 tracing::warn!(epoch, %instance, sessions = row.get::<_, i64>(0), "ended the wedged leader's sessions")
             }
             Err(error) => {
-                tracing::error!(%error, %instance, "could not end the wedged leader's sessions")
+                tracing::error!(error = %steward_schema::describe_pg_error(&error), %instance, "could not end the wedged leader's sessions")
             }
         }
     }

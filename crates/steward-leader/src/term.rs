@@ -233,7 +233,7 @@ async fn health_writer(
             Ok(0) => return,
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%error, "could not mark leader progress");
+                tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not mark leader progress");
                 continue;
             }
         }
@@ -242,7 +242,7 @@ async fn health_writer(
             continue;
         }
         if let Err(error) = write_health(c, epoch, &dirty).await {
-            tracing::warn!(%error, "could not write branch health");
+            tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not write branch health");
         }
     }
 }
