@@ -27,6 +27,7 @@ const EXPECTED: &[&str] = &[
     "steward_maintenance_branch_duration_seconds",
     "steward_maintenance_branch_start_delay_seconds",
     "steward_maintenance_branch_overrun_total",
+    "steward_maintenance_branch_delayed",
     "steward_maintenance_branch_runs_total",
     "steward_maintenance_branch_rows_total",
     "steward_maintenance_branch_last_success_timestamp_seconds",
@@ -111,6 +112,36 @@ fn names_in(exposition: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The label names on the samples named exactly `sample` (e.g. `..._bucket`), over all series.
+fn labels_of(exposition: &str, sample: &str) -> BTreeSet<String> {
+    series_of(exposition, sample)
+        .into_iter()
+        .flat_map(|labels| labels.into_keys())
+        .collect()
+}
+
+/// The label sets of the samples named exactly `sample`.
+fn series_of(exposition: &str, sample: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(sample))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .map(|rest| {
+            let inside = rest
+                .strip_prefix('{')
+                .and_then(|r| r.split_once('}'))
+                .map_or("", |(inside, _)| inside);
+            inside
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| pair.split_once("=\""))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim_end_matches('"').to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
 fn wait_until(what: &str, within: Duration, check: impl FnMut() -> bool) {
     wait_until_explained(what, within, check, String::new)
 }
@@ -138,7 +169,12 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
     let db = runtime.block_on(TestDb::new());
     runtime.block_on(seed(&db));
     let steward = Steward::spawn(&db.url(), FAST);
-    steward.wait_for("leadership acquired", Duration::from_secs(30));
+    let acquired = steward.wait_for("leadership acquired", Duration::from_secs(30));
+    let instance = acquired
+        .field("instance")
+        .and_then(|v| v.as_str())
+        .unwrap()
+        .to_owned();
     let last = std::cell::RefCell::new(String::new());
     let missing = || {
         let body = last.borrow();
@@ -179,7 +215,16 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
         },
     );
     let last = last.into_inner();
-    assert!(last.contains("steward_leader 1"), "{last}");
+    assert!(
+        last.contains(&format!("steward_leader{{instance=\"{instance}\"}} 1")),
+        "{last}"
+    );
+    assert!(
+        last.contains(&format!(
+            "steward_leader_epoch{{instance=\"{instance}\"}} 1"
+        )),
+        "{last}"
+    );
     assert!(last.contains("mode=\"split\""), "{last}");
     // Millisecond buckets for start delay and promotion lag.
     assert!(
@@ -187,24 +232,82 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
         "{last}"
     );
 
-    // Hand the scraped names to the dashboard/alert/compose checker.
-    let names: Vec<String> = names_in(&last).into_iter().collect();
-    let names_file =
-        std::env::temp_dir().join(format!("steward-metric-names-{}.txt", std::process::id()));
-    std::fs::write(&names_file, names.join("\n")).unwrap();
+    // The labels dashboards and alerts select on.
+    let has = |sample: &str, wanted: &[&str]| {
+        let seen = labels_of(&last, sample);
+        let missing: Vec<&&str> = wanted.iter().filter(|l| !seen.contains(**l)).collect();
+        assert!(
+            missing.is_empty(),
+            "{sample} lacks labels {missing:?} (has {seen:?}) in:\n{last}"
+        );
+    };
+    for histogram in [
+        "steward_maintenance_branch_duration_seconds",
+        "steward_maintenance_branch_start_delay_seconds",
+    ] {
+        has(
+            &format!("{histogram}_bucket"),
+            &["branch", "loop", "mode", "le"],
+        );
+        has(&format!("{histogram}_count"), &["branch", "loop", "mode"]);
+    }
+    has(
+        "steward_maintenance_branch_runs_total",
+        &["branch", "outcome"],
+    );
+    has(
+        "steward_maintenance_branch_overrun_total",
+        &["branch", "loop"],
+    );
+    has("steward_maintenance_branch_delayed", &["branch", "loop"]);
+    has("steward_leader_transitions_total", &["event"]);
+    has("steward_rescued_jobs_total", &["reason"]);
+    has("steward_queue_jobs", &["queue", "state"]);
+    has("steward_queue_oldest_available_age_seconds", &["queue"]);
+    // An SLO branch running on time is not delayed.
+    assert!(
+        last.contains(
+            "steward_maintenance_branch_delayed{branch=\"promote_scheduled\",loop=\"slo\"} 0"
+        ),
+        "{last}"
+    );
+    // Start delay has buckets below 10 ms, where a starved SLO branch first shows.
+    let sub_10ms: BTreeSet<String> = series_of(
+        &last,
+        "steward_maintenance_branch_start_delay_seconds_bucket",
+    )
+    .into_iter()
+    .filter_map(|labels| labels.get("le").cloned())
+    .filter(|le| le.parse::<f64>().is_ok_and(|v| v < 0.01))
+    .collect();
+    assert!(
+        sub_10ms.len() >= 3 && sub_10ms.contains("0.001"),
+        "start delay buckets below 10 ms: {sub_10ms:?}"
+    );
+
+    // Hand the scrape itself (names, types and labels) to the dashboard/alert/compose checker,
+    // so that it checks every label matcher too.
+    let scrape_file =
+        std::env::temp_dir().join(format!("steward-metrics-scrape-{}.txt", std::process::id()));
+    std::fs::write(&scrape_file, &last).unwrap();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let check = std::process::Command::new("python3")
         .arg(repo.join("dashboards/check.py"))
         .arg(STEWARD)
-        .arg(&names_file)
+        .arg(&scrape_file)
         .current_dir(&repo)
         .output()
         .expect("python3 runs dashboards/check.py");
-    assert!(
-        check.status.success(),
+    let _ = std::fs::remove_file(&scrape_file);
+    let report = format!(
         "dashboards/check.py:\n{}{}",
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{report}");
+    assert!(
+        report.contains("ok    every label matcher names a label its metric has"),
+        "the label matchers were not checked: {report}"
     );
 
     let (status, body) = steward.get("/healthz");
@@ -216,6 +319,50 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
     let leader: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(leader["leader"], true);
     assert!(leader["branches"].as_array().unwrap().len() >= 11, "{body}");
+}
+
+#[test]
+fn help_does_not_print_the_database_password() {
+    let url = "postgres://u:hunter2@h/db";
+    for command in [
+        &["run", "--help"][..],
+        &["status", "--help"],
+        &["migrate", "--help"],
+    ] {
+        let (code, stdout, stderr) = steward(url, command);
+        assert_eq!(code, Some(0), "{command:?}: {stderr}");
+        assert!(stdout.contains("DATABASE_URL"), "{command:?}: {stdout}");
+        assert!(
+            !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+            "{command:?} prints the password:\n{stdout}{stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_otlp_protocol_other_than_grpc_stops_steward_at_start() {
+    for variable in [
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    ] {
+        let output = std::process::Command::new(STEWARD)
+            .arg("run")
+            .env("DATABASE_URL", "postgres://unused@127.0.0.1:1/unused")
+            .env("STEWARD_METRICS_ADDR", "127.0.0.1:0")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+            .env(variable, "http/protobuf")
+            .output()
+            .expect("running steward");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{variable}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{variable}=\"http/protobuf\""))
+                && stderr.contains("gRPC only")
+                && stderr.contains("4317"),
+            "{variable}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -144,3 +144,59 @@ async fn leader(State(state): State<HttpState>) -> Response {
     }))
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use steward_leader::{LeadershipEvent, Observer};
+
+    fn state(health: HealthRegistry, loop_stall_limit: Duration) -> HttpState {
+        HttpState::new(
+            PrometheusBuilder::new().build_recorder().handle(),
+            health,
+            "host-1-00aa".into(),
+            loop_stall_limit,
+            tokio_postgres::Config::new(),
+            steward_schema::Tls::none(),
+        )
+    }
+
+    async fn healthz_of(state: HttpState) -> (StatusCode, serde_json::Value) {
+        let response = healthz(State(state)).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_and_names_a_loop_whose_last_iteration_is_older_than_the_limit() {
+        let health = HealthRegistry::default();
+        health.leadership(&LeadershipEvent::Acquired { epoch: 7 });
+        health.loop_progress("slo", 7);
+        health.loop_progress("hygiene", 7);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // hygiene iterates again; slo does not.
+        health.loop_progress("hygiene", 7);
+
+        let (status, body) = healthz_of(state(health.clone(), Duration::from_millis(30))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let stalled = body["stalled"].as_array().unwrap();
+        assert_eq!(stalled.len(), 1, "{body}");
+        assert!(
+            stalled[0]
+                .as_str()
+                .unwrap()
+                .starts_with("slo (no iteration for "),
+            "{body}"
+        );
+        assert_eq!(body["instance"], "host-1-00aa");
+
+        // The same registry within a generous limit is healthy.
+        let (status, body) = healthz_of(state(health, Duration::from_secs(60))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["stalled"].as_array().unwrap().len(), 0, "{body}");
+    }
+}

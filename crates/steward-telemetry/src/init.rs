@@ -31,6 +31,36 @@ pub enum TelemetryError {
     Otlp(String),
     #[error("a metrics recorder is already installed")]
     AlreadyInstalled,
+    #[error(
+        "{variable}={value:?} is not supported: Steward exports OTLP over gRPC only \
+         (the collector's gRPC receiver, usually port 4317); unset {variable} or set it to grpc"
+    )]
+    UnsupportedOtlpProtocol {
+        variable: &'static str,
+        value: String,
+    },
+}
+
+/// The variables that choose the OTLP transport, general first.
+const PROTOCOL_VARIABLES: [&str; 3] = [
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+];
+
+/// Steward's exporters speak gRPC only: a protocol variable set to anything else (e.g.
+/// http/protobuf, with an endpoint on the collector's HTTP port 4318) would otherwise be
+/// ignored and every export would fail at run time. Empty counts as unset.
+fn check_otlp_protocol(lookup: impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+    for variable in PROTOCOL_VARIABLES {
+        if let Some(value) = lookup(variable) {
+            let protocol = value.trim();
+            if !protocol.is_empty() && protocol != "grpc" {
+                return Err(TelemetryError::UnsupportedOtlpProtocol { variable, value });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Live telemetry; [`Telemetry::shutdown`] flushes OTLP before exit.
@@ -70,6 +100,10 @@ fn describe() {
         "How late a branch pass started after it was due"
     );
     metrics::describe_counter!(BRANCH_OVERRUN, "Overrun episodes: a branch turned delayed (duration or start delay above 1.5x its interval, 3 times in a row)");
+    metrics::describe_gauge!(
+        BRANCH_DELAYED,
+        "1 while the branch is delayed (since 3 passes in a row whose duration or start delay exceeded 1.5x the interval, until 3 in a row below 0.7x), else 0"
+    );
     metrics::describe_counter!(BRANCH_RUNS, "Branch passes by outcome");
     metrics::describe_counter!(BRANCH_ROWS, "Rows changed by branch passes");
     metrics::describe_gauge!(
@@ -90,10 +124,13 @@ fn describe() {
         LOOP_RESTARTS,
         "Maintenance loops restarted after dying outside a branch"
     );
-    metrics::describe_gauge!(LEADER, "1 while this instance leads");
+    metrics::describe_gauge!(
+        LEADER,
+        "1 while this instance leads; label instance is the Steward instance name"
+    );
     metrics::describe_gauge!(
         LEADER_EPOCH,
-        "Epoch of this instance's current or last term"
+        "Epoch of this instance's current or last term; label instance is the Steward instance name"
     );
     metrics::describe_counter!(
         LEADER_TRANSITIONS,
@@ -116,6 +153,7 @@ fn describe() {
 impl Telemetry {
     /// Installs everything; call once, early, from inside a Tokio runtime.
     pub fn init(log_format: LogFormat) -> Result<Telemetry, TelemetryError> {
+        check_otlp_protocol(|v| std::env::var(v).ok())?;
         let mut prometheus = PrometheusBuilder::new();
         for name in [BRANCH_DURATION, BRANCH_START_DELAY, PROMOTION_LAG] {
             let buckets = buckets_for(name).unwrap_or(DURATION_BUCKETS);
@@ -232,4 +270,46 @@ fn service_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "steward".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(vars: &[(&str, &str)]) -> Result<(), TelemetryError> {
+        check_otlp_protocol(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn only_grpc_is_accepted_as_the_otlp_protocol() {
+        assert!(check(&[]).is_ok());
+        assert!(check(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).is_ok());
+        assert!(check(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "")]).is_ok());
+        for variable in PROTOCOL_VARIABLES {
+            for value in ["http/protobuf", "http/json"] {
+                let error = check(&[(variable, value)]).unwrap_err().to_string();
+                assert!(
+                    error.contains(&format!("{variable}=\"{value}\""))
+                        && error.contains("gRPC only")
+                        && error.contains("4317"),
+                    "{error}"
+                );
+            }
+        }
+        // A signal-specific variable is checked even when the general one says grpc.
+        let error = check(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+            "{error}"
+        );
+    }
 }

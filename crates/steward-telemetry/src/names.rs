@@ -4,6 +4,7 @@
 pub const BRANCH_DURATION: &str = "steward_maintenance_branch_duration_seconds";
 pub const BRANCH_START_DELAY: &str = "steward_maintenance_branch_start_delay_seconds";
 pub const BRANCH_OVERRUN: &str = "steward_maintenance_branch_overrun_total";
+pub const BRANCH_DELAYED: &str = "steward_maintenance_branch_delayed";
 pub const BRANCH_RUNS: &str = "steward_maintenance_branch_runs_total";
 pub const BRANCH_ROWS: &str = "steward_maintenance_branch_rows_total";
 pub const BRANCH_LAST_SUCCESS: &str = "steward_maintenance_branch_last_success_timestamp_seconds";

@@ -1,5 +1,6 @@
 //! Turns the leader's reports into the exported instruments. Handles are registered once per
-//! label set and kept (the OTLP bridge builds a new instrument on every registration).
+//! label set and kept (the OTLP bridge builds a new instrument on every registration, and keeps
+//! the description and unit of the first).
 
 use crate::names::*;
 use metrics::{Counter, Gauge, Histogram, Label};
@@ -8,7 +9,7 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::SystemTime;
 use steward_branches::{LoopKind, Observation, RescueReason};
-use steward_leader::{BranchRun, LeadershipEvent, Observer, Transition};
+use steward_leader::{BranchRun, LeadershipEvent, Observer, OverrunState, Transition};
 
 struct Cache<K, V>(Mutex<HashMap<K, V>>);
 
@@ -21,6 +22,14 @@ impl<K: Eq + Hash, V: Clone> Cache<K, V> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key).or_insert_with(make).clone()
     }
+
+    fn values_where(&self, mut keep: impl FnMut(&K) -> bool) -> Vec<V> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
 }
 
 fn labels(pairs: &[(&'static str, String)]) -> Vec<Label> {
@@ -31,24 +40,35 @@ fn labels(pairs: &[(&'static str, String)]) -> Vec<Label> {
 }
 
 pub struct MetricsObserver {
+    /// This candidate's instance name (host-pid-random), the `instance` label of
+    /// `steward_leader` and `steward_leader_epoch`.
+    instance: String,
     histograms: Cache<(&'static str, Vec<String>), Histogram>,
     counters: Cache<(&'static str, Vec<String>), Counter>,
     gauges: Cache<(&'static str, Vec<String>), Gauge>,
-}
-
-impl Default for MetricsObserver {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The epoch of the term this instance leads, while it leads. The overrun trackers live as
+    /// long as the term's loops: `steward_maintenance_branch_delayed` follows only this term's
+    /// reports and drops to 0 when the term ends.
+    term: Mutex<Option<i64>>,
 }
 
 impl MetricsObserver {
-    pub fn new() -> Self {
+    pub fn new(instance: impl Into<String>) -> Self {
         Self {
+            instance: instance.into(),
             histograms: Cache::new(),
             counters: Cache::new(),
             gauges: Cache::new(),
+            term: Mutex::new(None),
         }
+    }
+
+    fn term(&self) -> std::sync::MutexGuard<'_, Option<i64>> {
+        self.term.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn leader_labels(&self) -> [(&'static str, String); 1] {
+        [("instance", self.instance.clone())]
     }
 
     fn histogram(&self, name: &'static str, pairs: &[(&'static str, String)]) -> Histogram {
@@ -72,8 +92,8 @@ impl MetricsObserver {
     /// Creates the series an operator expects to see before anything happened (leader state,
     /// per-branch counters at zero), so dashboards and `absent()`-style alerts have data.
     pub fn register_initial(&self, branches: &[(&'static str, LoopKind, std::time::Duration)]) {
-        self.gauge(LEADER, &[]).set(0.0);
-        self.gauge(LEADER_EPOCH, &[]).set(0.0);
+        self.gauge(LEADER, &self.leader_labels()).set(0.0);
+        self.gauge(LEADER_EPOCH, &self.leader_labels()).set(0.0);
         for event in ["acquired", "lost", "stepped_down"] {
             self.counter(LEADER_TRANSITIONS, &[("event", event.into())])
                 .increment(0);
@@ -97,6 +117,11 @@ impl MetricsObserver {
                 &[("branch", b.clone()), ("loop", l.clone())],
             )
             .increment(0);
+            self.gauge(
+                BRANCH_DELAYED,
+                &[("branch", b.clone()), ("loop", l.clone())],
+            )
+            .set(0.0);
             for outcome in ["ok", "error", "timeout"] {
                 self.counter(
                     BRANCH_RUNS,
@@ -138,6 +163,21 @@ impl Observer for MetricsObserver {
                 &[("branch", branch.clone()), ("loop", loop_kind.clone())],
             )
             .increment(1);
+        }
+        {
+            // Held while setting, so that a report racing the term's end cannot set it again.
+            let term = self.term();
+            if *term == Some(run.epoch) {
+                let delayed = match run.overrun {
+                    OverrunState::Delayed => 1.0,
+                    OverrunState::OnTime => 0.0,
+                };
+                self.gauge(
+                    BRANCH_DELAYED,
+                    &[("branch", branch.clone()), ("loop", loop_kind.clone())],
+                )
+                .set(delayed);
+            }
         }
         self.counter(
             BRANCH_RUNS,
@@ -199,8 +239,27 @@ impl Observer for MetricsObserver {
             LeadershipEvent::Lost { epoch, .. } => (0.0, "lost", *epoch),
             LeadershipEvent::SteppedDown { epoch } => (0.0, "stepped_down", *epoch),
         };
-        self.gauge(LEADER, &[]).set(leading);
-        self.gauge(LEADER_EPOCH, &[]).set(epoch as f64);
+        {
+            let mut term = self.term();
+            match event {
+                LeadershipEvent::Acquired { epoch } => *term = Some(*epoch),
+                LeadershipEvent::Lost { epoch, .. } | LeadershipEvent::SteppedDown { epoch } => {
+                    if *term == Some(*epoch) {
+                        *term = None;
+                        // The term's trackers are gone; a standby has no delayed branch.
+                        for gauge in self
+                            .gauges
+                            .values_where(|(name, _)| *name == BRANCH_DELAYED)
+                        {
+                            gauge.set(0.0);
+                        }
+                    }
+                }
+            }
+        }
+        self.gauge(LEADER, &self.leader_labels()).set(leading);
+        self.gauge(LEADER_EPOCH, &self.leader_labels())
+            .set(epoch as f64);
         self.counter(LEADER_TRANSITIONS, &[("event", label.into())])
             .increment(1);
     }
@@ -208,5 +267,110 @@ impl Observer for MetricsObserver {
     fn loop_restarted(&self, loop_name: &str, _reason: &str) {
         self.counter(LOOP_RESTARTS, &[("loop", loop_name.to_string())])
             .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use std::time::Duration;
+    use steward_leader::{LoopMode, RunResult};
+
+    fn run(epoch: i64, overrun: OverrunState, transition: Transition) -> BranchRun<'static> {
+        BranchRun {
+            branch: "promote_scheduled",
+            loop_kind: LoopKind::Slo,
+            mode: LoopMode::Split,
+            epoch,
+            interval: Duration::from_millis(250),
+            started_at: SystemTime::now(),
+            start_delay: Duration::from_millis(1),
+            duration: Duration::from_millis(2),
+            rows: 0,
+            result: RunResult::Ok,
+            observations: &[],
+            overrun,
+            transition,
+            overrun_episodes: 0,
+        }
+    }
+
+    /// The value of the sample `series` (name and labels as rendered) in an exposition.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    const DELAYED: &str =
+        r#"steward_maintenance_branch_delayed{branch="promote_scheduled",loop="slo"}"#;
+    const OVERRUNS: &str =
+        r#"steward_maintenance_branch_overrun_total{branch="promote_scheduled",loop="slo"}"#;
+
+    #[test]
+    fn delayed_follows_the_trackers_state_while_the_term_lasts() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let observer = MetricsObserver::new("host-1-00aa");
+            observer.register_initial(&[(
+                "promote_scheduled",
+                LoopKind::Slo,
+                Duration::from_millis(250),
+            )]);
+            let text = handle.render();
+            assert_eq!(sample(&text, DELAYED), Some(0.0), "{text}");
+            assert_eq!(
+                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                Some(0.0),
+                "{text}"
+            );
+
+            observer.leadership(&LeadershipEvent::Acquired { epoch: 3 });
+            observer.branch_run(&run(3, OverrunState::Delayed, Transition::BecameDelayed));
+            let text = handle.render();
+            assert_eq!(sample(&text, DELAYED), Some(1.0), "{text}");
+            assert_eq!(sample(&text, OVERRUNS), Some(1.0), "{text}");
+            assert_eq!(
+                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(
+                sample(&text, r#"steward_leader_epoch{instance="host-1-00aa"}"#),
+                Some(3.0),
+                "{text}"
+            );
+
+            // Still delayed: the gauge stays up though the episode counter does not move.
+            for _ in 0..5 {
+                observer.branch_run(&run(3, OverrunState::Delayed, Transition::None));
+            }
+            let text = handle.render();
+            assert_eq!(sample(&text, DELAYED), Some(1.0), "{text}");
+            assert_eq!(sample(&text, OVERRUNS), Some(1.0), "{text}");
+
+            observer.branch_run(&run(3, OverrunState::OnTime, Transition::Recovered));
+            assert_eq!(sample(&handle.render(), DELAYED), Some(0.0));
+
+            // Delayed again, then the term ends: the trackers are gone, so is the delay, and
+            // a late report of the old term does not bring it back.
+            observer.branch_run(&run(3, OverrunState::Delayed, Transition::BecameDelayed));
+            assert_eq!(sample(&handle.render(), DELAYED), Some(1.0));
+            observer.leadership(&LeadershipEvent::Lost {
+                epoch: 3,
+                reason: "test".into(),
+            });
+            observer.branch_run(&run(3, OverrunState::Delayed, Transition::None));
+            let text = handle.render();
+            assert_eq!(sample(&text, DELAYED), Some(0.0), "{text}");
+            assert_eq!(sample(&text, OVERRUNS), Some(2.0), "{text}");
+            assert_eq!(
+                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                Some(0.0),
+                "{text}"
+            );
+        });
     }
 }

@@ -24,7 +24,8 @@ struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 struct DbArgs {
     /// PostgreSQL URL, e.g. postgres://steward@db:5432/app
-    #[arg(long, env = "DATABASE_URL")]
+    // hide_env_values: the URL may hold a password, which --help must not print.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// Postgres schema holding Steward's tables.
     #[arg(long, env = "STEWARD_SCHEMA", default_value = SchemaName::DEFAULT)]

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// PostgreSQL URL (overrides `database_url` in the config file).
-    #[arg(long, env = "DATABASE_URL")]
+    // hide_env_values: the URL may hold a password, which --help must not print.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Schema holding Steward's tables (overrides `schema` in the config file; default steward).
     #[arg(long, env = "STEWARD_SCHEMA")]
@@ -62,17 +63,16 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
         .unwrap_or_else(|| SchemaName::DEFAULT.to_owned())
         .parse()?;
     let branches = config.branches.build();
-    let metrics = Arc::new(MetricsObserver::new());
-    metrics.register_initial(
-        &branches
-            .iter()
-            .map(|b| (b.name(), b.loop_kind(), b.interval()))
-            .collect::<Vec<_>>(),
-    );
+    let registered: Vec<_> = branches
+        .iter()
+        .map(|b| (b.name(), b.loop_kind(), b.interval()))
+        .collect();
     let readiness_url = database_url.clone();
     let readiness_db = steward_schema::pg_config(&database_url, &schema, "steward:readyz")?;
-    let candidate = Candidate::new(database_url, schema, config.leader.clone(), branches)
-        .with_observer(metrics);
+    let candidate = Candidate::new(database_url, schema, config.leader.clone(), branches);
+    let metrics = Arc::new(MetricsObserver::new(candidate.instance()));
+    metrics.register_initial(&registered);
+    let candidate = candidate.with_observer(metrics);
     steward_telemetry::serve(
         args.metrics_addr,
         HttpState::new(
