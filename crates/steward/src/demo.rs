@@ -311,6 +311,13 @@ async fn drive(
     };
 
     let first = fleet.spawn("steward-1")?;
+    monitor.watch_log(
+        first,
+        fleet
+            .by_pid(first)
+            .map(|p| p.log.clone())
+            .unwrap_or_default(),
+    );
     let elected = tokio::select! {
         elected = wait_for_leader(monitor, fleet, Duration::from_secs(30)) => elected?,
         _ = interrupt.recv() => return Ok(stopped_early(Vec::new())),
@@ -329,6 +336,13 @@ async fn drive(
         metrics_of(fleet, "steward-1")
     ));
     let second = fleet.spawn("steward-2")?;
+    monitor.watch_log(
+        second,
+        fleet
+            .by_pid(second)
+            .map(|p| p.log.clone())
+            .unwrap_or_default(),
+    );
     let log = fleet
         .by_label("steward-2")
         .map(|p| p.log.clone())
@@ -389,10 +403,13 @@ async fn drive(
             _ = sleep_until(restart_at.unwrap_or(end)), if restart_at.is_some() => {
                 restart_at = None;
                 match fleet.spawn("steward-3") {
-                    Ok(pid) => display.event(
+                    Ok(pid) => {
+                        monitor.watch_log(pid, fleet.by_pid(pid).map(|p| p.log.clone()).unwrap_or_default());
+                        display.event(
                         started.elapsed(),
                         format!("restarted the killed instance as steward-3 (pid {pid}), a new standby"),
-                    ),
+                        );
+                    }
                     Err(e) => problems.push(format!("restarting the killed instance: {e:#}")),
                 }
             }

@@ -1,11 +1,12 @@
 //! The live view, drawn once a second: redrawn in place (ANSI) when stdout is a terminal,
 //! appended as plain text otherwise (CI logs).
 //!
-//! Tables are lists of [`Column`]s over a row type. To show another per-branch figure (the
-//! promotion lag, once telemetry records it in `branch_health`), add the field to
-//! [`BranchRow`] and to `monitor::BRANCHES`, then one entry to [`BRANCH_COLUMNS`].
+//! Tables are lists of [`Column`]s over a row type. To show another per-branch figure from
+//! `branch_health`, add the field to [`BranchRow`] and to `monitor::BRANCHES`, then one entry
+//! to [`BRANCH_COLUMNS`]. The promotion lag, which `branch_health` does not hold, is read from
+//! the leader's `/metrics` (`monitor::PromotionLag`) and shown on a line of its own.
 
-use super::monitor::{BranchRow, Snapshot};
+use super::monitor::{BranchRow, PromotionLag, Snapshot};
 use super::workload::StatsSnapshot;
 use std::io::{IsTerminal, Write};
 use std::str::FromStr;
@@ -78,6 +79,27 @@ pub const BRANCH_COLUMNS: &[Column<BranchRow>] = &[
 
 fn ms(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// `lag      promotion p50 … · p99 …`: the leader's promotion lag over the recent window.
+fn promotion_lag_line(lag: Option<&PromotionLag>) -> String {
+    let text = match lag {
+        None => "promotion - (the leader's /metrics not read)".to_owned(),
+        Some(lag) if lag.over.is_zero() => "promotion - (measuring)".to_owned(),
+        Some(lag) => {
+            let secs = lag.over.as_secs_f64().round();
+            match (lag.p50, lag.p99) {
+                (Some(p50), Some(p99)) if lag.jobs > 0 => format!(
+                    "promotion p50 {:.1} ms · p99 {:.1} ms ({} jobs promoted in the last {secs:.0} s)",
+                    p50 * 1000.0,
+                    p99 * 1000.0,
+                    lag.jobs
+                ),
+                _ => format!("promotion - (no job promoted in the last {secs:.0} s)"),
+            }
+        }
+    };
+    format!("lag      {text}")
 }
 
 /// Renders rows under a header line; columns are as wide as their widest cell.
@@ -320,6 +342,7 @@ fn frame_lines(frame: &Frame<'_>) -> Vec<String> {
                 ),
             ])
         ),
+        promotion_lag_line(s.promotion_lag.as_ref()),
         String::new(),
     ];
     if s.branches.is_empty() {
@@ -352,6 +375,29 @@ mod tests {
         let fitted = fit(&header, &body, &events, Some((12, 6)));
         assert_eq!(fitted.len(), 11);
         assert_eq!(fitted[0], "b0 an");
+    }
+
+    #[test]
+    fn the_promotion_lag_line_says_what_it_knows() {
+        let lag = |jobs, p50, p99, secs| PromotionLag {
+            jobs,
+            p50,
+            p99,
+            over: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            promotion_lag_line(Some(&lag(412, Some(0.00084), Some(0.0031), 10))),
+            "lag      promotion p50 0.8 ms · p99 3.1 ms (412 jobs promoted in the last 10 s)"
+        );
+        assert_eq!(
+            promotion_lag_line(Some(&lag(0, None, None, 9))),
+            "lag      promotion - (no job promoted in the last 9 s)"
+        );
+        assert_eq!(
+            promotion_lag_line(Some(&lag(0, None, None, 0))),
+            "lag      promotion - (measuring)"
+        );
+        assert!(promotion_lag_line(None).contains("not read"));
     }
 
     #[test]

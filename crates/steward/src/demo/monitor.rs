@@ -1,9 +1,20 @@
-//! What the demo reads back from the database while it runs: the leader row, `branch_health`
-//! and the job counts, on a dedicated connection of its own.
+//! What the demo reads back while it runs: from the database (on a dedicated connection of its
+//! own) the leader row, `branch_health` and the job counts; from the leader's `/metrics` the
+//! promotion lag, which `branch_health` does not hold.
 
 use anyhow::Context;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
+
+/// The promotion-lag histogram on the leader's `/metrics`.
+const PROMOTION_LAG_BUCKET: &str = "steward_promotion_lag_seconds_bucket";
+
+/// How far back the live view's promotion lag looks.
+pub const LAG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A scrape of the leader's `/metrics` must not hold up the view.
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The current term. Primary key.
 pub const LEADER: &str =
@@ -66,6 +77,148 @@ pub struct Snapshot {
     /// Count per job state, in the order of `JobState::ALL`, zeros included.
     pub states: Vec<(&'static str, i64)>,
     pub archived: i64,
+    /// The leader's promotion lag over the last [`LAG_WINDOW`] (less while the demo has read the
+    /// current leader for a shorter time), when its `/metrics` could be read.
+    pub promotion_lag: Option<PromotionLag>,
+}
+
+/// Promotion lag (now − run_at when a job was promoted) over a recent window, estimated from the
+/// leader's histogram buckets the way Prometheus' `histogram_quantile` does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PromotionLag {
+    /// Jobs promoted in the window; the quantiles are `None` without any.
+    pub jobs: u64,
+    /// Seconds.
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    /// How much time the window really covers (less than [`LAG_WINDOW`] at first).
+    pub over: Duration,
+}
+
+/// Cumulative bucket counts by upper bound (ascending, `+Inf` last).
+type Buckets = Vec<(f64, f64)>;
+
+/// The promotion-lag buckets in a Prometheus exposition, or `None` when it has none yet (the
+/// histogram appears with the first promotion).
+pub fn lag_buckets(exposition: &str) -> Option<Buckets> {
+    let mut buckets: Buckets = Vec::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix(PROMOTION_LAG_BUCKET) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
+            continue;
+        };
+        let Some(le) = labels
+            .split(',')
+            .find_map(|pair| pair.trim().strip_prefix("le=\""))
+            .map(|v| v.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse::<f64>() {
+                Ok(le) => le,
+                Err(_) => continue,
+            }
+        };
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        // Series differing in other labels are summed per bound.
+        match buckets.iter_mut().find(|(bound, _)| *bound == le) {
+            Some((_, total)) => *total += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// `later - earlier` per bound (a bound missing from `earlier` counts from 0); `None` when a
+/// count went down (another process, or a restart).
+fn bucket_delta(later: &Buckets, earlier: &Buckets) -> Option<Buckets> {
+    later
+        .iter()
+        .map(|(le, count)| {
+            let before = earlier
+                .iter()
+                .find(|(bound, _)| bound == le)
+                .map_or(0.0, |(_, c)| *c);
+            (count >= &before).then_some((*le, count - before))
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly within the bucket it falls
+/// in, as `histogram_quantile` does: the lowest bucket starts at 0, and a quantile in the
+/// `+Inf` bucket is the highest finite bound.
+pub fn quantile(q: f64, buckets: &Buckets) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(previous.0);
+            }
+            if count == previous.1 {
+                return Some(le);
+            }
+            return Some(
+                previous.0 + (le - previous.0) * (rank - previous.1) / (count - previous.1),
+            );
+        }
+        previous = (le, count);
+    }
+    Some(previous.0)
+}
+
+/// Promotion lag over the samples' span: newest minus oldest.
+fn lag_over(samples: &VecDeque<LagSample>) -> Option<PromotionLag> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    let delta = bucket_delta(&last.buckets, &first.buckets)?;
+    let jobs = delta.last().map_or(0.0, |(_, c)| *c);
+    Some(PromotionLag {
+        jobs: jobs as u64,
+        p50: quantile(0.5, &delta),
+        p99: quantile(0.99, &delta),
+        over: last.at.duration_since(first.at),
+    })
+}
+
+/// One scrape of the leader's promotion-lag buckets.
+#[derive(Debug, Clone)]
+struct LagSample {
+    at: Instant,
+    pid: u32,
+    buckets: Buckets,
+}
+
+/// GET `/metrics` from `addr` (HTTP/1.0: the server closes the connection after the body).
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8(response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
+    };
+    tokio::time::timeout(SCRAPE_TIMEOUT, fetch)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A branch's counters summed over every instance that led during the demo.
@@ -85,6 +238,13 @@ pub struct Monitor {
     client: Client,
     /// The latest row seen per branch and per instance.
     seen: BTreeMap<String, BTreeMap<String, BranchRow>>,
+    /// Log files of the demo's processes, by pid: each names the address it serves
+    /// `/metrics` on (bound to port 0).
+    logs: HashMap<u32, std::path::PathBuf>,
+    /// Metrics addresses found, by pid.
+    metrics_addrs: HashMap<u32, String>,
+    /// The leader's promotion-lag buckets over the last [`LAG_WINDOW`], oldest first.
+    lag_samples: VecDeque<LagSample>,
 }
 
 impl Monitor {
@@ -97,7 +257,53 @@ impl Monitor {
         Ok(Monitor {
             client,
             seen: BTreeMap::new(),
+            logs: HashMap::new(),
+            metrics_addrs: HashMap::new(),
+            lag_samples: VecDeque::new(),
         })
+    }
+
+    /// Tells the monitor where process `pid` logs (see `procs::Fleet::spawn`).
+    pub fn watch_log(&mut self, pid: u32, log: std::path::PathBuf) {
+        self.logs.insert(pid, log);
+    }
+
+    /// Scrapes the leader's promotion lag and returns it over the recent window; `None` when
+    /// there is no leader or its `/metrics` cannot be read (the view then shows a dash).
+    async fn promotion_lag(&mut self, leader: &LeaderRow) -> Option<PromotionLag> {
+        let pid = leader.pid().filter(|_| leader.leading());
+        // A new leader's histogram starts from zero: never subtract across processes.
+        self.lag_samples.retain(|s| Some(s.pid) == pid);
+        let pid = pid?;
+        let addr = match self.metrics_addrs.get(&pid) {
+            Some(addr) => addr.clone(),
+            None => {
+                let addr = super::procs::metrics_addr(self.logs.get(&pid)?)?;
+                self.metrics_addrs.insert(pid, addr.clone());
+                addr
+            }
+        };
+        let now = Instant::now();
+        // No promotion yet: no histogram, which is an empty one.
+        let buckets = lag_buckets(&scrape(&addr).await?).unwrap_or_default();
+        self.lag_samples.push_back(LagSample {
+            at: now,
+            pid,
+            buckets,
+        });
+        while self
+            .lag_samples
+            .front()
+            .is_some_and(|s| now.duration_since(s.at) > LAG_WINDOW)
+        {
+            self.lag_samples.pop_front();
+        }
+        let lag = lag_over(&self.lag_samples);
+        if lag.is_none() {
+            // Counts went down: start the window over from this scrape.
+            self.lag_samples.drain(..self.lag_samples.len() - 1);
+        }
+        lag
     }
 
     pub fn client(&self) -> &Client {
@@ -172,11 +378,13 @@ impl Monitor {
                 .or_default()
                 .insert(writer, row.clone());
         }
+        let promotion_lag = self.promotion_lag(&leader).await;
         Ok(Snapshot {
             leader,
             branches,
             states,
             archived,
+            promotion_lag,
         })
     }
 
@@ -213,5 +421,87 @@ impl Monitor {
                 .then_with(|| a.branch.cmp(&b.branch))
         });
         totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCRAPE: &str = "\
+# TYPE steward_promotion_lag_seconds histogram
+steward_promotion_lag_seconds_bucket{le=\"0.001\"} 10
+steward_promotion_lag_seconds_bucket{le=\"0.002\"} 50
+steward_promotion_lag_seconds_bucket{le=\"0.005\"} 90
+steward_promotion_lag_seconds_bucket{le=\"0.01\"} 100
+steward_promotion_lag_seconds_bucket{le=\"+Inf\"} 100
+steward_promotion_lag_seconds_sum 0.2
+steward_promotion_lag_seconds_count 100
+steward_maintenance_branch_duration_seconds_bucket{branch=\"x\",le=\"0.001\"} 7
+";
+
+    #[test]
+    fn promotion_lag_buckets_are_read_from_a_scrape() {
+        let buckets = lag_buckets(SCRAPE).unwrap();
+        assert_eq!(
+            buckets,
+            vec![
+                (0.001, 10.0),
+                (0.002, 50.0),
+                (0.005, 90.0),
+                (0.01, 100.0),
+                (f64::INFINITY, 100.0)
+            ]
+        );
+        assert_eq!(lag_buckets("steward_leader 1\n"), None);
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets_like_histogram_quantile() {
+        let buckets = lag_buckets(SCRAPE).unwrap();
+        // rank 50 is the top of the 1-2 ms bucket; rank 99 is 90% into the 5-10 ms bucket.
+        let p50 = quantile(0.5, &buckets).unwrap();
+        assert!((p50 - 0.002).abs() < 1e-12, "{p50}");
+        let p99 = quantile(0.99, &buckets).unwrap();
+        assert!((p99 - 0.0095).abs() < 1e-12, "{p99}");
+        // In the lowest bucket, from 0.
+        let p05 = quantile(0.05, &buckets).unwrap();
+        assert!((p05 - 0.0005).abs() < 1e-12, "{p05}");
+        // Beyond the highest finite bound: that bound.
+        let over = vec![(0.001, 1.0), (f64::INFINITY, 10.0)];
+        assert_eq!(quantile(0.99, &over), Some(0.001));
+        assert_eq!(
+            quantile(0.5, &vec![(0.001, 0.0), (f64::INFINITY, 0.0)]),
+            None
+        );
+    }
+
+    #[test]
+    fn the_window_counts_only_the_promotions_it_saw() {
+        let start = Instant::now();
+        let sample = |secs: u64, buckets: Buckets| LagSample {
+            at: start + Duration::from_secs(secs),
+            pid: 1,
+            buckets,
+        };
+        let mut samples = VecDeque::new();
+        // Before the first promotion the histogram does not exist.
+        samples.push_back(sample(0, Vec::new()));
+        samples.push_back(sample(1, vec![(0.001, 5.0), (f64::INFINITY, 5.0)]));
+        samples.push_back(sample(
+            2,
+            vec![(0.001, 5.0), (0.01, 9.0), (f64::INFINITY, 9.0)],
+        ));
+        let lag = lag_over(&samples).unwrap();
+        assert_eq!(lag.jobs, 9);
+        assert_eq!(lag.over, Duration::from_secs(2));
+        samples.pop_front();
+        samples.pop_front();
+        // One sample: an empty window.
+        let lag = lag_over(&samples).unwrap();
+        assert_eq!((lag.jobs, lag.p50), (0, None));
+        // Counts going down are not a window.
+        samples.push_back(sample(3, vec![(0.001, 1.0), (f64::INFINITY, 1.0)]));
+        assert_eq!(lag_over(&samples), None);
     }
 }
