@@ -16,7 +16,8 @@ measure() {
   local samples=()
   for _ in $(seq "$trials"); do
     rm -f "$work/fifo" && mkfifo "$work/fifo"
-    PGOPTIONS="$3" psql "$url" -qAtX <"$work/fifo" >/dev/null 2>&1 &
+    # In a subshell, so that the SIGKILL goes to psql alone and the shell reports no job.
+    (PGOPTIONS="$3" psql "$url" -qAtX <"$work/fifo" >/dev/null 2>&1 || true) 2>/dev/null &
     local holder=$!
     exec 3>"$work/fifo"
     echo "SELECT pg_advisory_lock($key);" >&3
@@ -29,16 +30,16 @@ measure() {
     sleep 0.3
     local killed
     killed=$(date +%s.%N)
-    kill -9 "$holder"
+    pkill -KILL -P "$holder" psql
     wait "$waiter"
     exec 3>&-
-    wait "$holder" 2>/dev/null || true
+    { wait "$holder"; } 2>/dev/null || true
     samples+=("$(python3 -c "print(round(($(tail -n 1 "$work/waiter") - $killed) * 1000, 1))")")
   done
-  printf '%-62s %s ms\n' "$1" "${samples[*]}"
+  printf '%-68s %s ms\n' "$1" "${samples[*]}"
 }
 
 echo "SIGKILL of the lock holder's client -> the waiter holds the lock ($trials trials each)"
 measure "holder idle" "SELECT 1;" ""
 measure "holder running pg_sleep(2) (1.2 s left at the kill)" "SELECT pg_sleep(2);" ""
-measure "holder running pg_sleep(2), client_connection_check_interval=100ms" "SELECT pg_sleep(2);" "-c client_connection_check_interval=100ms"
+measure "holder in pg_sleep(2), client_connection_check_interval=100ms" "SELECT pg_sleep(2);" "-c client_connection_check_interval=100ms"
