@@ -21,6 +21,9 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// How often an idle loop reports that it is alive while it waits for its next due branch.
+const IDLE_PROGRESS: Duration = Duration::from_secs(1);
+
 /// When the database was last (re)gained: the start of the term, a reconnect, or the end of a
 /// stall. Rescue branches hold off for their quiet period after it.
 #[derive(Clone)]
@@ -193,11 +196,17 @@ impl LoopTask {
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = tokio::time::sleep_until(due.min(Instant::now() + IDLE_PROGRESS).into()) => {}
             }
             // The term may have ended while we slept: no branch starts after that.
             if self.stop.is_stopped() {
                 return LoopExit::Stopped;
+            }
+            if Instant::now() < due {
+                // Idle, not stuck: a loop whose branches all run rarely (hourly) must not look
+                // stalled to /healthz between its passes.
+                self.observer.loop_progress(self.name, self.epoch);
+                continue;
             }
 
             let slot = &mut slots[index];

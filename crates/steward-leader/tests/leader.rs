@@ -821,3 +821,39 @@ async fn a_notify_wakes_the_promoter_long_before_its_interval() {
     }
     leader.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_loop_keeps_reporting_progress_between_rare_passes() {
+    let db = TestDb::new().await;
+    // One pass at the start, the next in an hour: /healthz must not take the loop for stuck.
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Split),
+        vec![slo(20), hygiene(3_600_000, 0)],
+    );
+    eventually("the hourly branch ran once", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .any(|r| r.branch == "test_hygiene")
+    })
+    .await;
+    let first_pass = Instant::now();
+    eventually(
+        "the hygiene loop reported progress well after its only pass",
+        || {
+            let since = leader
+                .candidate
+                .health()
+                .snapshot()
+                .loops
+                .get("hygiene")
+                .copied();
+            first_pass.elapsed() > Duration::from_secs(4)
+                && since.is_some_and(|s| s < Duration::from_secs(3))
+        },
+    )
+    .await;
+    leader.stop().await;
+}

@@ -99,8 +99,19 @@ fn init_logging(format: LogFormat, default_level: &str) {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The message and its causes, never a backtrace: these are an operator's errors
+            // (a bad value, an unreachable database), not the program's.
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<()> {
     // `run` sets up its own telemetry (metrics, traces, logs).
     match cli.command {
         Command::Run(_) => {}

@@ -50,6 +50,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Result<()> {
+    // Idle loops report progress every second; a shorter limit would fail /healthz between
+    // those reports and get a healthy process restarted.
+    anyhow::ensure!(
+        args.loop_stall_limit >= std::time::Duration::from_secs(5),
+        "invalid value {:?} for --loop-stall-limit (STEWARD_LOOP_STALL_LIMIT): must be at least 5s",
+        humantime::format_duration(args.loop_stall_limit).to_string()
+    );
     let mut config = config::load(args.config.as_deref(), &args.overrides)?;
     if let Some(mode) = args.loop_mode {
         config.leader.loop_mode = mode;
