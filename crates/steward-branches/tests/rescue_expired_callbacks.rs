@@ -83,14 +83,6 @@ async fn after(client: &Client, id: i64) -> After {
     }
 }
 
-async fn count_where(client: &Client, predicate: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM jobs WHERE {predicate}"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn rescues_exactly_the_waiting_jobs_whose_callback_timed_out() {
     let db = db_with_leader().await;

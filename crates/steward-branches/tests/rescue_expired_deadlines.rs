@@ -46,45 +46,6 @@ async fn seed(
         .collect()
 }
 
-#[derive(Debug)]
-struct After {
-    state: String,
-    errors: Vec<serde_json::Value>,
-    /// run_at minus the time of the last error entry, in seconds: the backoff applied.
-    backoff: Option<f64>,
-    finalized: bool,
-    run_at_in_future: bool,
-}
-
-async fn after(client: &Client, id: i64) -> After {
-    let row = client
-        .query_one(
-            "SELECT state::text, errors,
-                    extract(epoch FROM run_at - (errors -> -1 ->> 'at')::timestamptz)::float8,
-                    finalized_at IS NOT NULL, run_at > now()
-             FROM jobs WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    let errors: serde_json::Value = row.get(1);
-    After {
-        state: row.get(0),
-        errors: errors.as_array().cloned().unwrap_or_default(),
-        backoff: row.get(2),
-        finalized: row.get(3),
-        run_at_in_future: row.get(4),
-    }
-}
-
-async fn count_where(client: &Client, predicate: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM jobs WHERE {predicate}"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn rescues_exactly_the_running_jobs_past_their_deadline() {
     let db = db_with_leader().await;
