@@ -857,3 +857,52 @@ async fn an_idle_loop_keeps_reporting_progress_between_rare_passes() {
     .await;
     leader.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescues_hold_off_while_the_database_stalls() {
+    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
+    use steward_queue::{JobState, NewJob, Queue};
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool(2), db.schema());
+    queue.enqueue(&NewJob::new("looks-dead")).await.unwrap();
+    let job = queue.claim("default", 1).await.unwrap()[0].lease;
+    db.client()
+        .await
+        .batch_execute("UPDATE jobs SET heartbeat_at = now() - interval '10 seconds'")
+        .await
+        .unwrap();
+    // Every probe (every 200 ms) counts as a stall: each one starts the 1 s quiet period
+    // again, as a database answering slowly would. The job looks dead the whole time.
+    let settings = LeaderSettings {
+        stall_threshold: Duration::from_nanos(1),
+        ..fast_settings(LoopMode::Split)
+    };
+    let rescue = RescueStaleHeartbeats::new(Config {
+        interval: Duration::from_millis(50),
+        staleness: Duration::from_secs(1),
+        ..Config::default()
+    });
+    let leader = start(&db, settings, vec![Arc::new(rescue), slo(50)]);
+    eventually("the SLO loop runs its other branch", || {
+        leader
+            .recorder
+            .runs()
+            .iter()
+            .filter(|r| r.branch == "test_slo")
+            .count()
+            >= 40
+    })
+    .await;
+    // 40 passes of the 50 ms sibling: at least 2 s, two quiet periods, of stalls.
+    let state = queue.get(job.job_id).await.unwrap().unwrap().state;
+    assert_eq!(state, JobState::Running, "a rescue acted during a stall");
+    assert!(
+        !leader
+            .recorder
+            .runs()
+            .iter()
+            .any(|r| r.branch == "rescue_stale_heartbeats"),
+        "the rescue ran inside its quiet period"
+    );
+    leader.stop().await;
+}
