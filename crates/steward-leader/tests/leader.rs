@@ -228,9 +228,9 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
     .await;
     eventually("a notices the loss", || a.recorder.lost_at(1).is_some()).await;
     // The leader connection's end is noticed at once, and both loops stop before any further
-    // branch starts. Allow 500 ms for the termination to reach a's connection driver: had the
-    // loops gone on, the SLO branch (every 20 ms) would have started ~25 times in that span.
-    let noticed_by = cut + Duration::from_millis(500);
+    // branch starts. Allow 1 s for the termination to reach a's connection driver: had the
+    // loops gone on, the SLO branch (every 20 ms) would have started ~50 times in that span.
+    let noticed_by = cut + Duration::from_secs(1);
     let late: Vec<Run> = a
         .recorder
         .runs()
@@ -741,7 +741,7 @@ async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releas
         shutdown_grace: Duration::from_millis(200),
         ..fast_settings(LoopMode::Split)
     };
-    let leader = start(&db, settings.clone(), vec![slo(20), hygiene(60_000, 900)]);
+    let leader = start(&db, settings.clone(), vec![slo(20), hygiene(60_000, 5_000)]);
     eventually("leads", || leader.recorder.acquired() == vec![1]).await;
     let observer = db.client().await;
     let sleeping = format!("steward:{}:hygiene", leader.candidate.instance());
@@ -774,9 +774,9 @@ async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releas
         .unwrap()
         .expect("clean stop");
     let stopped_in = asked.elapsed();
-    // The 900 ms statement was cancelled after the 200 ms grace, not waited for.
+    // The 5 s statement was cancelled after the 200 ms grace, not waited for.
     assert!(
-        stopped_in < Duration::from_millis(850),
+        stopped_in < Duration::from_secs(3),
         "stopping took {stopped_in:?}: the running statement was waited for"
     );
     eventually("the standby leads with epoch 2", || {
