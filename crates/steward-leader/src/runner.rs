@@ -294,7 +294,7 @@ impl LoopTask {
             // A branch cannot be due before its own pass has ended: one that asks to go again
             // sooner than its pass lasts is due when the pass ends, so that its start delay
             // measures waiting for the loop (a sibling), not its own previous pass.
-            slot.due = (started + wait).max(started + duration);
+            slot.due = started + wait.max(duration);
             if run_result == RunResult::Fenced {
                 return LoopExit::Superseded;
             }
