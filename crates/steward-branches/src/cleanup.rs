@@ -9,11 +9,11 @@
 //! past the rows of other queues that are older than it but not yet expired; with many such
 //! rows an index on (queue, finalized_at) per state would make override groups exact.
 //!
-//! An archiving batch first locks its candidates and learns which UTC days lack a partition,
-//! creates those (under [`crate::rotate_archive::LOCK_PARTITIONS`]), then moves exactly the
-//! locked rows. Moving the rows by id rather than repeating the candidate scan halves the scan
-//! cost and cannot pick different rows (another instance rolling back would release rows that
-//! sort first, whose days were not checked).
+//! An archiving batch is one statement that locks its candidates and moves exactly the locked
+//! rows, unless a UTC day among them lacks an archive partition: then it moves nothing and
+//! names the days; the branch ends that transaction, creates them in one of their own (under
+//! [`crate::rotate_archive::LOCK_PARTITIONS`]) and runs the batch again. Partitions are created ahead by
+//! `rotate_archive`, so the second statement is the exception (old backlogs, a first run).
 
 use crate::rotate_archive::LOCK_PARTITIONS;
 use crate::{
@@ -25,107 +25,95 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 // The candidate statements. Parameters: $1 retention in seconds, $2 queues, $3 true to take
 // only the queues in $2 (an override group) or false to take every queue but them (the
 // default group), $4 batch size. `(queue = ANY('{}')) = false` holds for every queue.
 
-/// Locks up to $4 completed jobs past retention, oldest first, skipping rows other cleaners
-/// hold; returns their ids and the UTC days among them that have no archive partition yet.
-/// Index: jobs_completed_idx (range up to the cutoff).
-pub const LOCK_COMPLETED: &str = "
+/// Builds the archiving statement of one final state (the literal picks the state's partial
+/// index, range-scanned up to the cutoff). It locks up to $4 of the state's jobs past retention,
+/// oldest first, skipping rows other cleaners hold, and moves exactly the locked row versions
+/// (by `ctid`, a TID scan) to the archive, keeping the priority the producer asked for (aging
+/// only changed claim order). When a UTC day among the locked rows has no archive partition
+/// yet it moves nothing and returns those days, for the caller to create before it runs the
+/// batch again. Returns (rows moved, rows locked, missing days).
+macro_rules! archive_statement {
+    ($state:literal) => {
+        concat!(
+            "
 WITH candidates AS MATERIALIZED (
-    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
-    WHERE state = 'completed' AND finalized_at < now() - $1::float8 * interval '1 second'
+    SELECT ctid, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
+    WHERE state = '",
+            $state,
+            "' AND finalized_at < now() - $1::float8 * interval '1 second'
       AND (queue = ANY($2::text[])) = $3::bool
     ORDER BY finalized_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
+),
+missing AS MATERIALIZED (
+    SELECT DISTINCT day FROM candidates
+    WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL
+),
+gone AS (
+    DELETE FROM jobs
+    WHERE ctid = ANY(ARRAY(SELECT ctid FROM candidates)) AND NOT EXISTS (SELECT FROM missing)
+    RETURNING id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+              created_at, attempted_at, finalized_at, unique_key, args, errors
+),
+archived AS (
+    INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts, run_at,
+                             created_at, attempted_at, finalized_at, unique_key, args, errors)
+    SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+           created_at, attempted_at, finalized_at, unique_key, args, errors
+    FROM gone
 )
-SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
-       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
-        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+SELECT (SELECT count(*) FROM gone),
+       (SELECT count(*) FROM candidates),
+       (SELECT coalesce(array_agg(day), '{}') FROM missing)"
+        )
+    };
+}
 
-/// As [`LOCK_COMPLETED`] for failed jobs. Index: jobs_failed_idx.
-pub const LOCK_FAILED: &str = "
-WITH candidates AS MATERIALIZED (
-    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
-    WHERE state = 'failed' AND finalized_at < now() - $1::float8 * interval '1 second'
+/// Builds the statement that deletes, without archiving, up to $4 jobs of one final state past
+/// retention, oldest first, skipping rows other cleaners hold; the locked row versions are
+/// deleted by `ctid`. Parameters as [`archive_statement!`].
+macro_rules! delete_statement {
+    ($state:literal) => {
+        concat!(
+            "
+DELETE FROM jobs WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM jobs
+    WHERE state = '",
+            $state,
+            "' AND finalized_at < now() - $1::float8 * interval '1 second'
       AND (queue = ANY($2::text[])) = $3::bool
     ORDER BY finalized_at, id
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
-)
-SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
-       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
-        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+    FOR UPDATE SKIP LOCKED))"
+        )
+    };
+}
 
-/// As [`LOCK_COMPLETED`] for cancelled jobs. Index: jobs_cancelled_idx.
-pub const LOCK_CANCELLED: &str = "
-WITH candidates AS MATERIALIZED (
-    SELECT id, (finalized_at AT TIME ZONE 'UTC')::date AS day FROM jobs
-    WHERE state = 'cancelled' AND finalized_at < now() - $1::float8 * interval '1 second'
-      AND (queue = ANY($2::text[])) = $3::bool
-    ORDER BY finalized_at, id
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED
-)
-SELECT (SELECT coalesce(array_agg(id), '{}') FROM candidates),
-       (SELECT coalesce(array_agg(day), '{}') FROM (SELECT DISTINCT day FROM candidates) d
-        WHERE to_regclass(format('job_archive_p%s', to_char(day, 'YYYYMMDD'))) IS NULL)";
+/// Archives completed jobs past retention. Index: jobs_completed_idx.
+pub const ARCHIVE_COMPLETED: &str = archive_statement!("completed");
+/// Archives failed jobs past retention. Index: jobs_failed_idx.
+pub const ARCHIVE_FAILED: &str = archive_statement!("failed");
+/// Archives cancelled jobs past retention. Index: jobs_cancelled_idx.
+pub const ARCHIVE_CANCELLED: &str = archive_statement!("cancelled");
 
 /// Creates the archive partitions of the days in $1 (run under [`LOCK_PARTITIONS`]).
 /// Catalog only.
 pub const CREATE_PARTITIONS: &str = "
 SELECT count(*) FILTER (WHERE create_archive_partition(day)) FROM unnest($1::date[]) AS day";
 
-/// Moves the jobs in $1 (locked by this transaction's candidate statement) to the archive.
-/// The archive keeps the priority the producer asked for; aging only changed claim order.
-/// The state re-check is defensive: locked rows cannot have changed. Index: jobs_pkey.
-pub const ARCHIVE: &str = "
-WITH gone AS (
-    DELETE FROM jobs
-    WHERE id = ANY($1::int8[]) AND state IN ('completed', 'failed', 'cancelled')
-    RETURNING id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
-              created_at, attempted_at, finalized_at, unique_key, args, errors
-)
-INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts, run_at,
-                         created_at, attempted_at, finalized_at, unique_key, args, errors)
-SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
-       created_at, attempted_at, finalized_at, unique_key, args, errors
-FROM gone";
-
-/// With `archive = false`: deletes up to $4 completed jobs past retention, oldest first,
-/// skipping rows other cleaners hold. Parameters as [`LOCK_COMPLETED`].
-/// Index: jobs_completed_idx, then jobs_pkey.
-pub const DELETE_COMPLETED: &str = "
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs
-    WHERE state = 'completed' AND finalized_at < now() - $1::float8 * interval '1 second'
-      AND (queue = ANY($2::text[])) = $3::bool
-    ORDER BY finalized_at, id
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)";
-
-/// As [`DELETE_COMPLETED`] for failed jobs. Index: jobs_failed_idx, then jobs_pkey.
-pub const DELETE_FAILED: &str = "
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs
-    WHERE state = 'failed' AND finalized_at < now() - $1::float8 * interval '1 second'
-      AND (queue = ANY($2::text[])) = $3::bool
-    ORDER BY finalized_at, id
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)";
-
-/// As [`DELETE_COMPLETED`] for cancelled jobs. Index: jobs_cancelled_idx, then jobs_pkey.
-pub const DELETE_CANCELLED: &str = "
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs
-    WHERE state = 'cancelled' AND finalized_at < now() - $1::float8 * interval '1 second'
-      AND (queue = ANY($2::text[])) = $3::bool
-    ORDER BY finalized_at, id
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)";
+/// With `archive = false`: deletes completed jobs past retention. Index: jobs_completed_idx.
+pub const DELETE_COMPLETED: &str = delete_statement!("completed");
+/// With `archive = false`: deletes failed jobs past retention. Index: jobs_failed_idx.
+pub const DELETE_FAILED: &str = delete_statement!("failed");
+/// With `archive = false`: deletes cancelled jobs past retention. Index: jobs_cancelled_idx.
+pub const DELETE_CANCELLED: &str = delete_statement!("cancelled");
 
 /// How long finished jobs stay in `jobs`, by final state.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -296,11 +284,11 @@ impl Terminal {
         }
     }
 
-    fn lock_sql(self) -> &'static str {
+    fn archive_sql(self) -> &'static str {
         match self {
-            Terminal::Completed => LOCK_COMPLETED,
-            Terminal::Failed => LOCK_FAILED,
-            Terminal::Cancelled => LOCK_CANCELLED,
+            Terminal::Completed => ARCHIVE_COMPLETED,
+            Terminal::Failed => ARCHIVE_FAILED,
+            Terminal::Cancelled => ARCHIVE_CANCELLED,
         }
     }
 
@@ -412,31 +400,35 @@ impl Cleanup {
         ctx: &mut BranchContext<'_>,
         group: &Group,
     ) -> Result<(u64, bool), BranchError> {
-        let tx = ctx.fenced().await?;
-        let row = tx
-            .query_one(
-                group.state.lock_sql(),
-                &[
-                    &group.retention_secs,
-                    &group.queues,
-                    &group.only,
-                    &self.config.batch_size,
-                ],
-            )
-            .await?;
-        let ids: Vec<i64> = row.get(0);
-        let missing_days: Vec<NaiveDate> = row.get(1);
-        if ids.is_empty() {
-            tx.commit().await?;
-            return Ok((0, false));
-        }
-        if !missing_days.is_empty() {
+        let params: [&(dyn ToSql + Sync); 4] = [
+            &group.retention_secs,
+            &group.queues,
+            &group.only,
+            &self.config.batch_size,
+        ];
+        let sql = group.state.archive_sql();
+        // A second try is the rule when days were missing; a third covers rows of yet another
+        // new day that another cleaner released meanwhile. Past that the next batch goes on.
+        for _ in 0..3 {
+            let tx = ctx.fenced().await?;
+            let row = tx.query_one(sql, &params).await?;
+            let missing_days: Vec<NaiveDate> = row.get(2);
+            if missing_days.is_empty() {
+                let moved: i64 = row.get(0);
+                let locked: i64 = row.get(1);
+                tx.commit().await?;
+                return Ok((moved as u64, locked >= self.config.batch_size));
+            }
+            // The statement has opened job_archive, and creating a partition locks it
+            // exclusively under LOCK_PARTITIONS. Ending this transaction first keeps the order
+            // every creator uses (advisory lock, then the table), so creators cannot deadlock.
+            tx.rollback().await?;
+            let tx = ctx.fenced().await?;
             tx.execute(LOCK_PARTITIONS, &[]).await?;
             tx.execute(CREATE_PARTITIONS, &[&missing_days]).await?;
+            tx.commit().await?;
         }
-        let moved = tx.execute(ARCHIVE, &[&ids]).await?;
-        tx.commit().await?;
-        Ok((moved, ids.len() as i64 >= self.config.batch_size))
+        Ok((0, true))
     }
 
     /// One batch deleted without archiving: (rows deleted, whether the batch was full).

@@ -15,24 +15,22 @@ use std::time::Duration;
 /// seconds, oldest first, skipping rows other agers or claimers hold (a claimed row is re-checked
 /// and dropped once it is no longer available). A job ages at the earliest one step after
 /// run_at, so `run_at <= now() − step` bounds the index range; rows in it already at their
-/// target are filtered. Index: jobs_aging_idx.
+/// target are filtered. The locked row versions are updated by `ctid`, as the rescues do
+/// (`rescue_statement!` says why). Index: jobs_aging_idx.
 pub const AGE: &str = "
-WITH due AS (
-    SELECT id FROM jobs
+UPDATE jobs j
+SET priority = greatest(
+    1, j.original_priority - floor(extract(epoch FROM now() - j.run_at)::float8 / $1::float8)
+)::smallint
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM jobs
     WHERE state = 'available' AND priority > 1
       AND run_at <= now() - $1::float8 * interval '1 second'
       AND priority > original_priority
                      - floor(extract(epoch FROM now() - run_at)::float8 / $1::float8)
     ORDER BY run_at, id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs j
-SET priority = greatest(
-    1, j.original_priority - floor(extract(epoch FROM now() - j.run_at)::float8 / $1::float8)
-)::smallint
-FROM due
-WHERE j.id = due.id";
+    FOR UPDATE SKIP LOCKED))";
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -19,18 +19,17 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
-/// are skipped. Index: jobs_due_idx. Returns each job's lag in seconds.
+/// are skipped. The locked row versions are updated by `ctid` (a TID scan; see
+/// `rescue_statement!` for why not by id). Index: jobs_due_idx. Returns each job's lag in
+/// seconds.
 pub const PROMOTE: &str = "
-WITH due AS (
-    SELECT id FROM jobs
+UPDATE jobs j SET state = 'available'
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM jobs
     WHERE state IN ('scheduled', 'retryable') AND run_at <= now()
     ORDER BY run_at, id
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs j SET state = 'available'
-FROM due
-WHERE j.id = due.id
+    FOR UPDATE SKIP LOCKED))
 RETURNING extract(epoch FROM clock_timestamp() - j.run_at)::float8";
 
 /// Seconds until the earliest scheduled/retryable job is due (negative when overdue, NULL

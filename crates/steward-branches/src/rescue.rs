@@ -22,21 +22,18 @@ use tokio_postgres::types::ToSql;
 /// an SQL text expression over the old row (`j`). `$set` adds assignments (with a leading
 /// comma) for columns the state change must also clear.
 ///
-/// The row lock taken in `picked` re-checks the state and the predicate against the newest row
-/// version, so a row that a worker, a callback resolver or another rescuer changed meanwhile
-/// drops out, and rows others hold are skipped rather than waited for.
+/// The row lock taken in the picking query re-checks the state and the predicate against the
+/// newest row version, so a row that a worker, a callback resolver or another rescuer changed
+/// meanwhile drops out, and rows others hold are skipped rather than waited for. The update
+/// then reaches exactly the locked row versions by `ctid` (a TID scan): a join on the primary
+/// key made the planner merge-join against the whole `jobs_pkey` index, the largest cost of a
+/// batch. The lock keeps those versions current until the update; a version that another
+/// transaction committed after this statement's snapshot is invisible to the TID scan, so that
+/// row is left for the next pass rather than changed blind.
 macro_rules! rescue_statement {
     (pick: $pick:literal, reason: $reason:literal, error: $error:literal, set: $set:literal $(,)?) => {
         concat!(
             "
-WITH picked AS (
-    SELECT id FROM jobs
-    WHERE ",
-            $pick,
-            "
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE jobs j SET
     state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
     run_at = CASE WHEN j.attempt >= j.max_attempts THEN j.run_at
@@ -50,8 +47,13 @@ UPDATE jobs j SET
             "))",
             $set,
             "
-FROM picked
-WHERE j.id = picked.id
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM jobs
+    WHERE ",
+            $pick,
+            "
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED))
 RETURNING j.id, j.state::text"
         )
     };
@@ -262,7 +264,8 @@ mod tests {
     fn the_statement_keeps_the_shape_the_partial_indexes_need() {
         assert!(SAMPLE.contains("WHERE state = 'running' AND x ORDER BY y, id\n    LIMIT $1"));
         assert!(SAMPLE.contains("'reason', 'sample', 'error', 'boom'))"));
-        assert!(SAMPLE.contains("'boom')),\n    extra = NULL\nFROM picked"));
+        assert!(SAMPLE.contains("'boom')),\n    extra = NULL\nWHERE j.ctid = ANY(ARRAY("));
+        assert!(SAMPLE.contains("LIMIT $1\n    FOR UPDATE SKIP LOCKED))\nRETURNING"));
         assert!(SAMPLE.ends_with("RETURNING j.id, j.state::text"));
     }
 
