@@ -11,9 +11,10 @@
 //!
 //! An archiving batch is one statement that locks its candidates and moves exactly the locked
 //! rows, unless a UTC day among them lacks an archive partition: then it moves nothing and
-//! names the days; the branch ends that transaction, creates them in one of their own (under
-//! [`crate::rotate_archive::LOCK_PARTITIONS`]) and runs the batch again. Partitions are created ahead by
-//! `rotate_archive`, so the second statement is the exception (old backlogs, a first run).
+//! names the days; the branch ends that transaction, creates them in one of their own
+//! (under [`crate::rotate_archive::LOCK_PARTITIONS`]) and runs the batch again. Partitions
+//! are created ahead by `rotate_archive`, so the second try is the exception (old backlogs,
+//! a first run).
 
 use crate::rotate_archive::LOCK_PARTITIONS;
 use crate::{

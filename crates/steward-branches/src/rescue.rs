@@ -27,9 +27,9 @@ use tokio_postgres::types::ToSql;
 /// meanwhile drops out, and rows others hold are skipped rather than waited for. The update
 /// then reaches exactly the locked row versions by `ctid` (a TID scan): a join on the primary
 /// key made the planner merge-join against the whole `jobs_pkey` index, the largest cost of a
-/// batch. The lock keeps those versions current until the update; a version that another
-/// transaction committed after this statement's snapshot is invisible to the TID scan, so that
-/// row is left for the next pass rather than changed blind.
+/// batch. The lock keeps those versions current until the update, so the update changes only
+/// row versions this statement locked after re-checking them; a locked version the statement's
+/// snapshot cannot see is left for the next pass.
 macro_rules! rescue_statement {
     (pick: $pick:literal, reason: $reason:literal, error: $error:literal, set: $set:literal $(,)?) => {
         concat!(
