@@ -12,7 +12,7 @@ use crate::{
 use serde::Deserialize;
 use std::time::Duration;
 use steward_queue::RetryPolicy;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 /// Builds a rescue statement: `$1` is the batch size and `$2..$4` the `retry_backoff`
 /// parameters (base ms, max ms, jitter); further parameters belong to `$pick`.
@@ -159,17 +159,23 @@ pub async fn run_batches(
     batch_size: i64,
     max_batches: u32,
     retry: &RetryConfig,
-    extra: &[&(dyn ToSql + Sync)],
+    extra: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Outcome, BranchError> {
     let (base_ms, max_ms, jitter) = retry.policy().sql_params();
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&batch_size, &base_ms, &max_ms, &jitter];
+    // Typed parameters: parse, bind and execute in one round trip instead of two.
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+        (&batch_size, Type::INT8),
+        (&base_ms, Type::FLOAT8),
+        (&max_ms, Type::FLOAT8),
+        (&jitter, Type::FLOAT8),
+    ];
     params.extend_from_slice(extra);
 
     let (mut retried, mut failed) = (0u64, 0u64);
     let mut more_left = false;
     for batch in 0..max_batches {
         let tx = ctx.fenced().await?;
-        let rows = tx.query(statement, &params).await?;
+        let rows = tx.query_typed(statement, &params).await?;
         tx.commit().await?;
         for row in &rows {
             if row.get::<_, &str>(1) == "failed" {

@@ -13,6 +13,7 @@ use crate::{
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
+use tokio_postgres::types::Type;
 
 pub use crate::rescue::RetryConfig;
 
@@ -124,7 +125,7 @@ impl Branch for RescueStaleHeartbeats {
             self.config.batch_size,
             self.config.max_batches_per_run,
             &self.config.retry,
-            &[&staleness],
+            &[(&staleness, Type::FLOAT8)],
         )
         .await
     }
