@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use steward_branches::{LoopKind, Observation};
-use steward_leader::{
-    BranchRun, LeadershipEvent, LoopMode, Observer, OverrunState, RunResult, Transition,
-};
+use steward_leader::{BranchRun, LeadershipEvent, Observer, OverrunState, RunResult, Transition};
 
 /// Per branch, over the window.
 #[derive(Clone, Default)]
@@ -37,7 +35,7 @@ pub struct BranchStats {
 #[derive(Clone, Default)]
 pub struct Snapshot {
     pub branches: BTreeMap<&'static str, BranchStats>,
-    /// When each loop's last pass ended (loops: "slo", "hygiene" or "monolithic").
+    /// When each loop's last pass ended, by loop name.
     loop_free_at: BTreeMap<&'static str, SystemTime>,
     /// now − run_at of each job promoted (Observation::PromotionLags).
     pub promotion_lags: Hist,
@@ -99,10 +97,7 @@ impl Observer for Recorder {
             return;
         }
         let mut data = self.data();
-        let loop_name = match run.mode {
-            LoopMode::Monolithic => "monolithic",
-            LoopMode::Split => run.loop_kind.as_str(),
-        };
+        let loop_name = run.loop_name;
         // Passes of one loop run one after another, and each is reported when it ends.
         let due = run.started_at - run.start_delay;
         let free_at = data.loop_free_at.get(loop_name).copied().unwrap_or(due);

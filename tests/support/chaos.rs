@@ -1514,7 +1514,7 @@ fn tail(text: &str, lines: usize) -> String {
 pub fn slo_first_pass(s: &Steward, epoch_: i64) -> Option<LogLine> {
     s.logs().into_iter().find(|l| {
         l.message() == FIRST_PASS
-            && l.field("loop_name").and_then(|v| v.as_str()) == Some("slo")
+            && l.field("loop_kind").and_then(|v| v.as_str()) == Some("slo")
             && epoch(l) == Some(epoch_)
     })
 }

@@ -64,7 +64,7 @@ async fn run_on(
         leader.kill()?;
         let first = standby
             .wait_for("the standby's first SLO branch pass", WAIT, |l| {
-                l.message() == FIRST_PASS && l.field_str("loop_name") == Some("slo")
+                l.message() == FIRST_PASS && l.field_str("loop_kind") == Some("slo")
             })
             .await?;
         let took = ms_since(killed_at, first.at);

@@ -67,6 +67,12 @@ pub trait Branch: Send + Sync {
     fn timeouts(&self) -> Timeouts {
         Timeouts::for_interval(self.interval())
     }
+    /// In split mode, the name of a loop (task and connection) of the branch's own; `None`
+    /// (the default) shares its loop kind's loop. For a branch that runs back to back under
+    /// load, whose passes would otherwise hold back every sibling that comes due meanwhile.
+    fn own_loop(&self) -> Option<&'static str> {
+        None
+    }
     /// A NOTIFY channel whose notifications make the branch due at once.
     fn wake_channel(&self, _schema: &SchemaName) -> Option<String> {
         None

@@ -130,6 +130,13 @@ impl Branch for PromoteScheduled {
         self.config.interval
     }
 
+    /// Under load the promoter goes again as soon as a pass ends: in a shared loop, a rescue
+    /// that came due would wait out a promote pass, and a long rescue pass would hold back
+    /// promotions.
+    fn own_loop(&self) -> Option<&'static str> {
+        Some("promote")
+    }
+
     fn wake_channel(&self, schema: &SchemaName) -> Option<String> {
         Some(steward_queue::due_channel(schema))
     }

@@ -10,7 +10,8 @@ use steward_branches::{LoopKind, Observation};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoopMode {
-    /// SLO branches on one task and connection, hygiene on another.
+    /// SLO branches and hygiene on separate tasks and connections (the promoter on one of its
+    /// own, the rescues on another, hygiene on a third).
     #[default]
     Split,
     /// Every branch on one task and connection, one `select!`.
@@ -77,6 +78,9 @@ impl RunResult {
 pub struct BranchRun<'a> {
     pub branch: &'static str,
     pub loop_kind: LoopKind,
+    /// The loop that ran the pass: "promote", "slo" or "hygiene" in split mode,
+    /// "monolithic" in monolithic mode.
+    pub loop_name: &'static str,
     pub mode: LoopMode,
     pub epoch: i64,
     pub interval: Duration,

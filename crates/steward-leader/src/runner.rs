@@ -264,6 +264,7 @@ impl LoopTask {
             self.observer.branch_run(&BranchRun {
                 branch: branch.name(),
                 loop_kind: branch.loop_kind(),
+                loop_name: self.name,
                 mode: self.mode,
                 epoch: self.epoch,
                 interval: branch.interval(),
@@ -283,6 +284,7 @@ impl LoopTask {
                 // Failover is measured from the old leader's death to this line on the new one.
                 tracing::info!(
                     loop_name = self.name,
+                    loop_kind = branch.loop_kind().as_str(),
                     branch = branch.name(),
                     epoch = self.epoch,
                     "first branch pass of the term"

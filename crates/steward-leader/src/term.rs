@@ -9,7 +9,7 @@ use crate::Candidate;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use steward_branches::{Branch, LoopKind};
+use steward_branches::Branch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -51,26 +51,26 @@ struct LoopPlan {
     branches: Vec<Arc<dyn Branch>>,
 }
 
+/// Split mode: one loop per loop kind, and one for each branch that asks for its own
+/// ([`Branch::own_loop`]); loops left without branches are not started. Monolithic mode: one
+/// loop with every branch.
 fn plan_loops(mode: LoopMode, branches: &[Arc<dyn Branch>]) -> Vec<LoopPlan> {
     match mode {
         LoopMode::Split => {
-            let of = |kind| {
-                branches
-                    .iter()
-                    .filter(|b| b.loop_kind() == kind)
-                    .cloned()
-                    .collect()
-            };
-            vec![
-                LoopPlan {
-                    name: "slo",
-                    branches: of(LoopKind::Slo),
-                },
-                LoopPlan {
-                    name: "hygiene",
-                    branches: of(LoopKind::Hygiene),
-                },
-            ]
+            let mut plans: Vec<LoopPlan> = Vec::new();
+            for branch in branches {
+                let name = branch
+                    .own_loop()
+                    .unwrap_or_else(|| branch.loop_kind().as_str());
+                match plans.iter_mut().find(|p| p.name == name) {
+                    Some(plan) => plan.branches.push(branch.clone()),
+                    None => plans.push(LoopPlan {
+                        name,
+                        branches: vec![branch.clone()],
+                    }),
+                }
+            }
+            plans
         }
         LoopMode::Monolithic => vec![LoopPlan {
             name: "monolithic",

@@ -106,7 +106,7 @@ impl MetricsObserver {
             self.counter(RESCUED_JOBS, &[("reason", reason.as_str().into())])
                 .increment(0);
         }
-        for loop_name in ["slo", "hygiene", "monolithic"] {
+        for loop_name in ["promote", "slo", "hygiene", "monolithic"] {
             self.counter(LOOP_RESTARTS, &[("loop", loop_name.into())])
                 .increment(0);
         }
@@ -281,6 +281,7 @@ mod tests {
         BranchRun {
             branch: "promote_scheduled",
             loop_kind: LoopKind::Slo,
+            loop_name: "promote",
             mode: LoopMode::Split,
             epoch,
             interval: Duration::from_millis(250),
