@@ -17,6 +17,7 @@ struct TestBranch {
     interval: Duration,
     hold: Duration,
     panics: bool,
+    own_loop: Option<&'static str>,
 }
 
 #[async_trait]
@@ -29,6 +30,9 @@ impl Branch for TestBranch {
     }
     fn interval(&self) -> Duration {
         self.interval
+    }
+    fn own_loop(&self) -> Option<&'static str> {
+        self.own_loop
     }
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
         if self.panics {
@@ -52,6 +56,7 @@ fn slo(interval_ms: u64) -> Arc<dyn Branch> {
         interval: Duration::from_millis(interval_ms),
         hold: Duration::ZERO,
         panics: false,
+        own_loop: None,
     })
 }
 
@@ -62,12 +67,14 @@ fn hygiene(interval_ms: u64, hold_ms: u64) -> Arc<dyn Branch> {
         interval: Duration::from_millis(interval_ms),
         hold: Duration::from_millis(hold_ms),
         panics: false,
+        own_loop: None,
     })
 }
 
 #[derive(Debug, Clone)]
 struct Run {
     branch: &'static str,
+    loop_name: &'static str,
     epoch: i64,
     start: Instant,
     end: Instant,
@@ -90,6 +97,7 @@ impl Observer for Recorder {
             .insert((run.branch, end - run.duration), run.rows);
         self.runs.lock().unwrap().push(Run {
             branch: run.branch,
+            loop_name: run.loop_name,
             epoch: run.epoch,
             start: end - run.duration,
             end,
@@ -288,12 +296,73 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
 }
 
 /// SLO passes that started while a hygiene pass was running.
-fn slo_runs_during_hygiene(runs: &[Run]) -> usize {
-    let hygiene: Vec<&Run> = runs.iter().filter(|r| r.branch == "test_hygiene").collect();
+/// Passes of `branch` that started while a pass of `busy` was running.
+fn runs_during(runs: &[Run], branch: &str, busy: &str) -> usize {
+    let busy: Vec<&Run> = runs.iter().filter(|r| r.branch == busy).collect();
     runs.iter()
-        .filter(|r| r.branch == "test_slo")
-        .filter(|s| hygiene.iter().any(|h| s.start > h.start && s.start < h.end))
+        .filter(|r| r.branch == branch)
+        .filter(|s| busy.iter().any(|b| s.start > b.start && s.start < b.end))
         .count()
+}
+
+fn slo_runs_during_hygiene(runs: &[Run]) -> usize {
+    runs_during(runs, "test_slo", "test_hygiene")
+}
+
+/// A branch with a loop of its own (as the promoter has) runs on its own connection in split
+/// mode: its long passes do not hold back the SLO branches of the shared loop. In monolithic
+/// mode it shares the one loop like every other branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_with_its_own_loop_does_not_hold_back_its_loop_kind_siblings() {
+    let busy = || -> Arc<dyn Branch> {
+        Arc::new(TestBranch {
+            name: "test_busy",
+            kind: LoopKind::Slo,
+            // 900 ms stays inside the 1 s statement timeout derived from the 100 ms interval.
+            interval: Duration::from_millis(100),
+            hold: Duration::from_millis(900),
+            panics: false,
+            own_loop: Some("test_own"),
+        })
+    };
+    let db = TestDb::new().await;
+    for mode in [LoopMode::Split, LoopMode::Monolithic] {
+        let leader = start(&db, fast_settings(mode), vec![busy(), slo(20)]);
+        eventually("two long passes of the busy branch", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .filter(|r| r.branch == "test_busy")
+                .count()
+                >= 2
+        })
+        .await;
+        let recorder = leader.recorder.clone();
+        leader.stop().await;
+        let runs = recorder.runs();
+        let loops = |branch: &str| -> Vec<&'static str> {
+            let mut names: Vec<&'static str> = runs
+                .iter()
+                .filter(|r| r.branch == branch)
+                .map(|r| r.loop_name)
+                .collect();
+            names.dedup();
+            names
+        };
+        let during = runs_during(&runs, "test_slo", "test_busy");
+        match mode {
+            LoopMode::Split => {
+                assert_eq!(loops("test_busy"), ["test_own"]);
+                assert_eq!(loops("test_slo"), ["slo"]);
+                assert!(during >= 10, "SLO passes during the busy passes: {during}");
+            }
+            LoopMode::Monolithic => {
+                assert_eq!(loops("test_busy"), ["monolithic"]);
+                assert_eq!(during, 0);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,6 +443,7 @@ async fn a_panicking_branch_is_retried_and_never_stops_its_loop() {
         interval: Duration::from_millis(30),
         hold: Duration::ZERO,
         panics: true,
+        own_loop: None,
     });
     let leader = start(
         &db,
@@ -651,6 +721,7 @@ async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
         interval: Duration::from_millis(50),
         hold: Duration::ZERO,
         panics: true,
+        own_loop: None,
     });
     let rescue = RescueStaleHeartbeats::new(Config {
         interval: Duration::from_millis(50),
