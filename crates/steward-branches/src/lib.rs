@@ -136,13 +136,48 @@ impl<'a> BranchContext<'a> {
         &mut self,
         durability: Durability,
     ) -> Result<Transaction<'_>, BranchError> {
+        let (tx, fence) = self.begin(durability).await?;
+        fence.check(&tx).await?;
+        Ok(tx)
+    }
+
+    /// Begins a transaction and hands its [`Fence`] over unchecked, so that the caller can
+    /// send its first statements in the same round trip as the fence. The caller must check
+    /// the fence before it commits; [`Self::fenced_with`] is this with the check done.
+    pub async fn begin(
+        &mut self,
+        durability: Durability,
+    ) -> Result<(Transaction<'_>, Fence), BranchError> {
+        let fence = Fence {
+            epoch: self.epoch,
+            timeouts: self.timeouts,
+            durability,
+        };
+        Ok((self.client.transaction().await?, fence))
+    }
+}
+
+/// A transaction's fence ([`FENCE`]), not yet run.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence {
+    epoch: i64,
+    timeouts: Timeouts,
+    durability: Durability,
+}
+
+impl Fence {
+    /// Runs the fence on `tx`; [`BranchError::Fenced`] when a newer term has started. Polled
+    /// together with the transaction's next statements (`tokio::try_join!`, the fence first),
+    /// it goes out ahead of them in the same round trip: the server runs them in order, so the
+    /// fence's lock and timeouts cover them, and a statement that ran behind a failed fence is
+    /// rolled back with the transaction, never committed.
+    pub async fn check(self, tx: &Transaction<'_>) -> Result<(), BranchError> {
         let statement_ms = format!("{}ms", self.timeouts.statement.as_millis().max(1));
         let lock_ms = format!("{}ms", self.timeouts.lock.as_millis().max(1));
-        let fence = match durability {
+        let fence = match self.durability {
             Durability::Default => FENCE,
             Durability::Relaxed => FENCE_RELAXED,
         };
-        let tx = self.client.transaction().await?;
         // Typed parameters: parse, bind and execute in one round trip instead of two.
         let row = tx
             .query_typed_one(
@@ -157,7 +192,7 @@ impl<'a> BranchContext<'a> {
                 current,
             });
         }
-        Ok(tx)
+        Ok(())
     }
 }
 

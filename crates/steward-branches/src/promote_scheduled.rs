@@ -1,9 +1,11 @@
 //! `promote_scheduled`: scheduled and retryable jobs whose time has come become available.
 //!
 //! Runs in batches, each its own short fenced transaction, and reports each job's promotion lag
-//! (now − run_at). Commits do not wait for their WAL flush ([`Durability::Relaxed`]): a
-//! promotion lost in a server crash leaves the job scheduled and due, so the next pass
-//! promotes it again, and a worker's claim of a promoted job flushes the promotion with it. Between runs it sleeps until the earliest due job (never longer than the
+//! (now − run_at). A batch takes three round trips: BEGIN; the fence, the promotion and the plan
+//! for the next wake-up, pipelined; COMMIT. Commits do not wait for their WAL flush
+//! ([`Durability::Relaxed`]): a promotion lost in a server crash leaves the job scheduled and
+//! due, so the next pass promotes it again, and a worker's claim of a promoted job flushes the
+//! promotion with it. Between runs it sleeps until the earliest due job (never longer than the
 //! interval, never shorter than `min_wake_gap`), and it publishes that wake-up time in
 //! `leader.promote_wakeup_at` so that producers NOTIFY only for jobs due before it.
 
@@ -16,7 +18,6 @@ use serde::Deserialize;
 use std::time::Duration;
 use steward_schema::SchemaName;
 use tokio_postgres::types::Type;
-use tokio_postgres::Transaction;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
 /// are skipped. The locked row versions are updated by `ctid` (a TID scan; see
@@ -32,22 +33,23 @@ WHERE j.ctid = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED))
 RETURNING extract(epoch FROM clock_timestamp() - j.run_at)::float8";
 
-/// Seconds until the earliest scheduled/retryable job is due (negative when overdue, NULL
-/// when none). Index: jobs_due_idx (first entry).
-pub const NEXT_DUE: &str = "
-SELECT extract(epoch FROM min(run_at) - clock_timestamp())::float8
-FROM jobs WHERE state IN ('scheduled', 'retryable')";
-
-/// Publishes when the promoter will next wake on its own (NULL: it wakes so soon that a
-/// NOTIFY would not help). Primary key of the one-row `leader` table.
-pub const PUBLISH_WAKEUP: &str = "
-UPDATE leader SET promote_wakeup_at = clock_timestamp() + $1::float8 * interval '1 second'
-WHERE id = 1";
-
-/// Withdraws the published wake-up when the promoter will wake too soon for a NOTIFY to help
-/// (writes only when one is published). Primary key of `leader`.
-pub const CLEAR_WAKEUP: &str = "
-UPDATE leader SET promote_wakeup_at = NULL WHERE id = 1 AND promote_wakeup_at IS NOT NULL";
+/// Plans the promoter's next wake-up: at the earliest scheduled/retryable job, but never
+/// sooner than $1 nor later than $2 seconds from now. Publishes it in
+/// `leader.promote_wakeup_at` when it is at least $3 seconds away, so that producers NOTIFY only
+/// for jobs due before it, and otherwise withdraws a published one (writing only then). Returns
+/// the sleep in seconds. Index: jobs_due_idx (first entry); primary key of the one-row `leader`.
+pub const PLAN_WAKEUP: &str = "
+WITH next AS (
+    SELECT least($2::float8, greatest($1::float8,
+               coalesce(extract(epoch FROM min(run_at) - clock_timestamp())::float8, $2::float8))) AS sleep
+    FROM jobs WHERE state IN ('scheduled', 'retryable')
+), published AS (
+    UPDATE leader SET promote_wakeup_at = CASE WHEN next.sleep >= $3::float8
+                                               THEN clock_timestamp() + next.sleep * interval '1 second' END
+    FROM next
+    WHERE leader.id = 1 AND (next.sleep >= $3::float8 OR leader.promote_wakeup_at IS NOT NULL)
+)
+SELECT sleep FROM next";
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -142,27 +144,54 @@ impl Branch for PromoteScheduled {
     }
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        let (min_gap, interval, threshold) = (
+            self.config.min_wake_gap.as_secs_f64(),
+            self.config.interval.as_secs_f64(),
+            self.config.publish_threshold.as_secs_f64(),
+        );
         let mut lags = Vec::new();
         let mut run_again_in = None;
         for batch in 1..=self.config.max_batches_per_run {
-            let tx = ctx.fenced_with(Durability::Relaxed).await?;
-            let rows = tx
-                .query_typed(PROMOTE, &[(&self.config.batch_size, Type::INT8)])
-                .await?;
+            let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
+            // One round trip for the fence, the batch and the plan for the next wake-up: the
+            // path every promotion waits on. The plan is only used after a short batch; after
+            // a full one it finds due jobs left and withdraws any published wake-up, which is
+            // right, since the promoter goes again at once.
+            let (_, rows, plan) = tokio::try_join!(
+                fence.check(&tx),
+                async {
+                    let rows = tx
+                        .query_typed(PROMOTE, &[(&self.config.batch_size, Type::INT8)])
+                        .await?;
+                    Ok::<_, BranchError>(rows)
+                },
+                async {
+                    let plan = tx
+                        .query_typed_one(
+                            PLAN_WAKEUP,
+                            &[
+                                (&min_gap, Type::FLOAT8),
+                                (&interval, Type::FLOAT8),
+                                (&threshold, Type::FLOAT8),
+                            ],
+                        )
+                        .await?;
+                    Ok::<_, BranchError>(plan)
+                },
+            )?;
+            tx.commit().await?;
             lags.extend(rows.iter().map(|r| r.get::<_, f64>(0)));
             let full = rows.len() as i64 == self.config.batch_size;
             if full && batch < self.config.max_batches_per_run {
-                tx.commit().await?;
                 continue;
             }
-            // The last batch of the pass plans the next wake-up in the same transaction: one
-            // commit fewer on the path every promotion waits on.
             run_again_in = if full {
                 Some(Duration::ZERO)
             } else {
-                self.plan_wakeup(&tx).await?
+                let sleep =
+                    Duration::try_from_secs_f64(plan.get(0)).unwrap_or(self.config.interval);
+                (sleep < self.config.interval).then_some(sleep)
             };
-            tx.commit().await?;
             break;
         }
         let rows = lags.len() as u64;
@@ -176,26 +205,5 @@ impl Branch for PromoteScheduled {
             run_again_in,
             observations,
         })
-    }
-}
-
-impl PromoteScheduled {
-    /// When to run next: at the earliest due job, within [min_wake_gap, interval]. Publishes
-    /// the wake-up for producers when it is far enough away to matter.
-    async fn plan_wakeup(&self, tx: &Transaction<'_>) -> Result<Option<Duration>, BranchError> {
-        let next_due: Option<f64> = tx.query_typed_one(NEXT_DUE, &[]).await?.get(0);
-        let sleep = match next_due {
-            Some(secs) if secs < self.config.interval.as_secs_f64() => {
-                Duration::from_secs_f64(secs.max(0.0)).max(self.config.min_wake_gap)
-            }
-            _ => self.config.interval,
-        };
-        if sleep >= self.config.publish_threshold {
-            tx.query_typed(PUBLISH_WAKEUP, &[(&sleep.as_secs_f64(), Type::FLOAT8)])
-                .await?;
-        } else {
-            tx.query_typed(CLEAR_WAKEUP, &[]).await?;
-        }
-        Ok((sleep < self.config.interval).then_some(sleep))
     }
 }

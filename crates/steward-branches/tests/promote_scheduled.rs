@@ -97,6 +97,50 @@ async fn wakes_at_the_earliest_due_job_and_publishes_it_for_producers() {
     assert!(published);
 }
 
+/// When the promoter goes again at once (work is left), a published wake-up would keep
+/// producers from sending the NOTIFY that matters: it is withdrawn. With nothing scheduled the
+/// promoter sleeps its interval and publishes that.
+#[tokio::test]
+async fn publishes_the_wakeup_only_when_it_is_far_enough_away_to_matter() {
+    let db = db_with_leader().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '10 seconds'")
+        .await
+        .unwrap();
+    make_due(&client, "scheduled", 2, 1.0).await;
+    let one_batch = Config {
+        batch_size: 1,
+        max_batches_per_run: 1,
+        ..Config::default()
+    };
+    let outcome = run(&branch(one_batch), &mut client).await;
+    assert_eq!(outcome.run_again_in, Some(Duration::ZERO));
+    assert_eq!(wakeup_in(&client).await, None, "withdrawn");
+
+    let outcome = run(&branch(Config::default()), &mut client).await;
+    assert_eq!(outcome.rows, 1);
+    assert_eq!(
+        outcome.run_again_in, None,
+        "nothing scheduled: the interval"
+    );
+    // At most the interval ahead (less by however long this check took to run).
+    let secs = wakeup_in(&client).await.expect("published");
+    assert!((-60.0..=0.25).contains(&secs), "{secs}");
+}
+
+/// Seconds from now to the published wake-up, if one is published.
+async fn wakeup_in(client: &tokio_postgres::Client) -> Option<f64> {
+    client
+        .query_one(
+            "SELECT extract(epoch FROM promote_wakeup_at - now())::float8 FROM leader",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn producers_notify_only_for_jobs_due_before_the_published_wakeup() {
     let db = db_with_leader().await;
