@@ -467,13 +467,19 @@ impl Cleanup {
         let mut tries = 0;
         loop {
             tries += 1;
-            let tx = ctx.fenced_with(Durability::Relaxed).await?;
-            match execute_typed(&tx, group.state.archive_sql(), &params).await {
-                Ok(moved) => {
+            let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
+            // The fence and the batch in one round trip; the commit waits for the fence's check.
+            let batch = tokio::try_join!(fence.check(&tx), async {
+                Ok(execute_typed(&tx, group.state.archive_sql(), &params).await?)
+            });
+            match batch {
+                Ok((_, moved)) => {
                     tx.commit().await?;
                     return Ok((moved, moved as i64 >= self.config.batch_size));
                 }
-                Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) && tries < 3 => {
+                Err(BranchError::Db(e))
+                    if e.code() == Some(&SqlState::CHECK_VIOLATION) && tries < 3 =>
+                {
                     // A day without a partition (or, should some other check ever fail, the
                     // third try reports it). The statement has opened job_archive, and creating
                     // a partition locks it exclusively under LOCK_PARTITIONS: ending this
@@ -482,7 +488,7 @@ impl Cleanup {
                     tx.rollback().await?;
                     self.create_batch_partitions(ctx, group, &params).await?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -511,9 +517,11 @@ impl Cleanup {
         ctx: &mut BranchContext<'_>,
         group: &Group,
     ) -> Result<(u64, bool), BranchError> {
-        let tx = ctx.fenced_with(Durability::Relaxed).await?;
         let params = group.params(&self.config.batch_size);
-        let deleted = execute_typed(&tx, group.state.delete_sql(), &params).await?;
+        let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
+        let (_, deleted) = tokio::try_join!(fence.check(&tx), async {
+            Ok::<_, BranchError>(execute_typed(&tx, group.state.delete_sql(), &params).await?)
+        })?;
         tx.commit().await?;
         Ok((deleted, deleted as i64 >= self.config.batch_size))
     }

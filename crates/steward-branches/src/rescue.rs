@@ -6,8 +6,8 @@
 //! entry `{attempt, at, reason, error}` is appended to `errors`.
 
 use crate::{
-    check_batch, check_interval, BranchContext, BranchError, InvalidConfig, Observation, Outcome,
-    RescueReason,
+    check_batch, check_interval, BranchContext, BranchError, Durability, InvalidConfig,
+    Observation, Outcome, RescueReason,
 };
 use serde::Deserialize;
 use std::time::Duration;
@@ -174,8 +174,11 @@ pub async fn run_batches(
     let (mut retried, mut failed) = (0u64, 0u64);
     let mut more_left = false;
     for batch in 0..max_batches {
-        let tx = ctx.fenced().await?;
-        let rows = tx.query_typed(statement, &params).await?;
+        let (tx, fence) = ctx.begin(Durability::Default).await?;
+        // The fence and the batch in one round trip; the commit waits for the fence's check.
+        let (_, rows) = tokio::try_join!(fence.check(&tx), async {
+            Ok::<_, BranchError>(tx.query_typed(statement, &params).await?)
+        })?;
         tx.commit().await?;
         for row in &rows {
             if row.get::<_, &str>(1) == "failed" {
