@@ -106,7 +106,7 @@ struct Args {
     /// configuration uses each branch's shipped batch size).
     #[arg(long, default_value_t = 10_000)]
     batch_size: i64,
-    /// Throughput: repetitions per measurement (the median is reported). Default 3, quick 1.
+    /// Throughput: repetitions per measurement (medians are reported). Default 5, quick 1.
     #[arg(long)]
     repeats: Option<u32>,
     /// Failover: trials. Default 20, quick 5.
@@ -283,7 +283,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let settings = throughput::Settings {
             rows: args.rows.unwrap_or(pick(quick, 20_000, 100_000)),
             large_batch: args.batch_size,
-            repeats: args.repeats.unwrap_or(pick(quick, 1, 3)),
+            repeats: args.repeats.unwrap_or(pick(quick, 1, 5)),
         };
         throughput_entry = ScenarioEntry::from_result(
             throughput::run(&pg, &settings).await,

@@ -285,6 +285,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
                     "rows_per_s",
                     "ratio",
                     "samples_s",
+                    "ratio_samples",
                 ],
             );
         }
