@@ -15,7 +15,7 @@
 //! its own (under [`crate::rotate_archive::LOCK_PARTITIONS`]) and runs the batch again.
 //! Partitions are created ahead by `rotate_archive`, so the second try is the exception (old
 //! backlogs, a first run), and the common path pays for no check at all: checking each batch's
-//! days inside the statement cost a third of its time.
+//! days inside the statement cost about a quarter of its time (15 of ~60 ms per 10k rows).
 //!
 //! Batch commits do not wait for their WAL flush ([`Durability::Relaxed`]): a batch lost in a
 //! server crash leaves its jobs in `jobs`, past retention, and the next pass moves them again.
