@@ -20,6 +20,7 @@
 //! Batch commits do not wait for their WAL flush ([`Durability::Relaxed`]): a batch lost in a
 //! server crash leaves its jobs in `jobs`, past retention, and the next pass moves them again.
 
+use crate::in_one_round_trip;
 use crate::rotate_archive::LOCK_PARTITIONS;
 use crate::{
     check_batch, check_interval, Branch, BranchContext, BranchError, Durability, InvalidConfig,
@@ -33,7 +34,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 // The candidate statements. Parameters: $1 retention in seconds, $2 queues, $3 true to take
 // only the queues in $2 (an override group) or false to take every queue but them (the
@@ -362,11 +363,11 @@ impl Group {
 
 /// Runs a statement that returns no rows in one round trip; returns the rows it changed.
 async fn execute_typed(
-    tx: &Transaction<'_>,
+    client: &Client,
     sql: &str,
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let rows = tx.query_typed_raw(sql, params.iter().cloned()).await?;
+    let rows = client.query_typed_raw(sql, params.iter().cloned()).await?;
     futures_util::pin_mut!(rows);
     while rows.try_next().await?.is_some() {}
     Ok(rows.rows_affected().unwrap_or(0))
@@ -467,25 +468,21 @@ impl Cleanup {
         let mut tries = 0;
         loop {
             tries += 1;
-            let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
-            // The fence and the batch in one round trip; the commit waits for the fence's check.
-            let batch = tokio::try_join!(fence.check(&tx), async {
-                Ok(execute_typed(&tx, group.state.archive_sql(), &params).await?)
+            let trip = ctx.one_trip(Durability::Relaxed);
+            let batch = in_one_round_trip!(trip, async {
+                Ok(execute_typed(trip.client(), group.state.archive_sql(), &params).await?)
             });
             match batch {
-                Ok((_, moved)) => {
-                    tx.commit().await?;
-                    return Ok((moved, moved as i64 >= self.config.batch_size));
-                }
+                Ok((moved,)) => return Ok((moved, moved as i64 >= self.config.batch_size)),
                 Err(BranchError::Db(e))
                     if e.code() == Some(&SqlState::CHECK_VIOLATION) && tries < 3 =>
                 {
                     // A day without a partition (or, should some other check ever fail, the
-                    // third try reports it). The statement has opened job_archive, and creating
-                    // a partition locks it exclusively under LOCK_PARTITIONS: ending this
-                    // transaction first keeps the order every creator uses (advisory lock,
-                    // then the table), so creators cannot deadlock.
-                    tx.rollback().await?;
+                    // third try reports it). The statement had opened job_archive, and creating
+                    // a partition locks it exclusively under LOCK_PARTITIONS: the failed
+                    // transaction has already ended (its COMMIT rolled back), which keeps the
+                    // order every creator uses (advisory lock, then the table), so creators
+                    // cannot deadlock.
                     self.create_batch_partitions(ctx, group, &params).await?;
                 }
                 Err(e) => return Err(e),
@@ -518,11 +515,12 @@ impl Cleanup {
         group: &Group,
     ) -> Result<(u64, bool), BranchError> {
         let params = group.params(&self.config.batch_size);
-        let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
-        let (_, deleted) = tokio::try_join!(fence.check(&tx), async {
-            Ok::<_, BranchError>(execute_typed(&tx, group.state.delete_sql(), &params).await?)
+        let trip = ctx.one_trip(Durability::Relaxed);
+        let (deleted,) = in_one_round_trip!(trip, async {
+            Ok::<_, BranchError>(
+                execute_typed(trip.client(), group.state.delete_sql(), &params).await?,
+            )
         })?;
-        tx.commit().await?;
         Ok((deleted, deleted as i64 >= self.config.batch_size))
     }
 }

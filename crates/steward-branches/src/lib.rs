@@ -95,21 +95,18 @@ pub struct BranchContext<'a> {
     pub timeouts: Timeouts,
 }
 
-/// The fence every branch transaction opens with: this term's epoch must still be current.
-/// `FOR KEY SHARE` on the one-row `leader` table (primary key) conflicts with the `FOR UPDATE`
-/// that a new term's start takes, so a new term waits for in-flight passes of the old one, and
-/// no old-term pass gets past this line afterwards. Also sets the transaction's timeouts.
-pub const FENCE: &str = "
-SELECT epoch, set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)
-FROM leader WHERE id = 1 FOR KEY SHARE";
+/// The fence every branch transaction opens with: the `fence` function (migration V7) raises
+/// SQLSTATE [`FENCED`] unless this term's epoch is still current. It takes `FOR KEY SHARE` on
+/// the one-row `leader` table, which conflicts with the `FOR UPDATE` that a new term's start
+/// takes, so a new term waits for in-flight passes of the old one, and no old-term pass gets
+/// past this line afterwards. It also sets the transaction's timeouts and durability. Raising
+/// on the server (rather than returning the epoch to compare) is what lets a whole
+/// transaction, COMMIT included, go out in one round trip ([`OneTrip`]).
+pub const FENCE: &str = "SELECT fence($1, $2, $3, $4)";
 
-/// [`FENCE`], and the commit does not wait for its WAL flush (`synchronous_commit = off`).
-/// Only for work that is idempotent and re-derived from the table itself (see
-/// [`Durability::Relaxed`]).
-pub const FENCE_RELAXED: &str = "
-SELECT epoch, set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
-       set_config('synchronous_commit', 'off', true)
-FROM leader WHERE id = 1 FOR KEY SHARE";
+/// The SQLSTATE the `fence` function raises when the caller's term is over; its DETAIL holds
+/// the current epoch.
+pub const FENCED: &str = "ST001";
 
 /// How a fenced transaction's commit is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,24 +133,26 @@ impl<'a> BranchContext<'a> {
         &mut self,
         durability: Durability,
     ) -> Result<Transaction<'_>, BranchError> {
-        let (tx, fence) = self.begin(durability).await?;
-        fence.check(&tx).await?;
+        let fence = self.fence(durability);
+        let tx = self.client.transaction().await?;
+        fence.run(tx.client()).await?;
         Ok(tx)
     }
 
-    /// Begins a transaction and hands its [`Fence`] over unchecked, so that the caller can
-    /// send its first statements in the same round trip as the fence. The caller must check
-    /// the fence before it commits; [`Self::fenced_with`] is this with the check done.
-    pub async fn begin(
-        &mut self,
-        durability: Durability,
-    ) -> Result<(Transaction<'_>, Fence), BranchError> {
-        let fence = Fence {
+    fn fence(&self, durability: Durability) -> Fence {
+        Fence {
             epoch: self.epoch,
             timeouts: self.timeouts,
             durability,
-        };
-        Ok((self.client.transaction().await?, fence))
+        }
+    }
+
+    /// A fenced transaction to send in one round trip ([`in_one_round_trip!`]).
+    pub fn one_trip(&self, durability: Durability) -> OneTrip<'_> {
+        OneTrip {
+            client: self.client,
+            fence: self.fence(durability),
+        }
     }
 }
 
@@ -166,35 +165,89 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// Runs the fence on `tx`; [`BranchError::Fenced`] when a newer term has started. Polled
-    /// together with the transaction's next statements (`tokio::try_join!`, the fence first),
-    /// it goes out ahead of them in the same round trip: the server runs them in order, so the
-    /// fence's lock and timeouts cover them, and a statement that ran behind a failed fence is
-    /// rolled back with the transaction, never committed.
-    pub async fn check(self, tx: &Transaction<'_>) -> Result<(), BranchError> {
+    /// Raises [`BranchError::Fenced`] when a newer term has started.
+    async fn run(self, client: &Client) -> Result<(), BranchError> {
         let statement_ms = format!("{}ms", self.timeouts.statement.as_millis().max(1));
         let lock_ms = format!("{}ms", self.timeouts.lock.as_millis().max(1));
-        let fence = match self.durability {
-            Durability::Default => FENCE,
-            Durability::Relaxed => FENCE_RELAXED,
-        };
+        let relaxed = self.durability == Durability::Relaxed;
         // Typed parameters: parse, bind and execute in one round trip instead of two.
-        let row = tx
-            .query_typed_one(
-                fence,
-                &[(&statement_ms, Type::TEXT), (&lock_ms, Type::TEXT)],
+        client
+            .query_typed(
+                FENCE,
+                &[
+                    (&self.epoch, Type::INT8),
+                    (&statement_ms, Type::TEXT),
+                    (&lock_ms, Type::TEXT),
+                    (&relaxed, Type::BOOL),
+                ],
             )
-            .await?;
-        let current: i64 = row.get(0);
-        if current != self.epoch {
-            return Err(BranchError::Fenced {
-                epoch: self.epoch,
-                current,
-            });
-        }
+            .await
+            .map_err(|e| self.fenced_or(e))?;
         Ok(())
     }
+
+    fn fenced_or(self, e: tokio_postgres::Error) -> BranchError {
+        match e.as_db_error() {
+            Some(db) if db.code().code() == FENCED => BranchError::Fenced {
+                epoch: self.epoch,
+                current: db.detail().and_then(|d| d.parse().ok()).unwrap_or(-1),
+            },
+            _ => e.into(),
+        }
+    }
 }
+
+/// A whole fenced transaction sent in one round trip: BEGIN and the fence, the caller's
+/// statements, and COMMIT go out together, and the server runs them in order. Nothing the
+/// statements return is needed to decide whether to commit, since the fence aborts the
+/// transaction on the server and an aborted transaction's COMMIT rolls back. For the hot path
+/// whose latency users feel (a promote batch: three round trips otherwise). Use it through
+/// [`in_one_round_trip!`], which keeps the order right.
+pub struct OneTrip<'a> {
+    client: &'a Client,
+    fence: Fence,
+}
+
+impl OneTrip<'_> {
+    /// The connection, for the statements that go between [`Self::open`] and [`Self::commit`].
+    pub fn client(&self) -> &Client {
+        self.client
+    }
+
+    /// BEGIN and the fence.
+    pub async fn open(&self) -> Result<(), BranchError> {
+        let (begun, fenced) = tokio::join!(
+            biased;
+            self.client.batch_execute("BEGIN"),
+            self.fence.run(self.client)
+        );
+        begun?;
+        fenced
+    }
+
+    /// COMMIT: a rollback when anything before it failed.
+    pub async fn commit(&self) -> Result<(), BranchError> {
+        Ok(self.client.batch_execute("COMMIT").await?)
+    }
+}
+
+/// Runs the given statement futures (on `$trip.client()`) as one [`OneTrip`] transaction and
+/// returns their outputs as a tuple; the first error wins. Each future must send its request
+/// when first polled, before it awaits anything (tokio-postgres's `query*` methods do), so that
+/// they all go out between BEGIN and COMMIT.
+macro_rules! in_one_round_trip {
+    ($trip:expr, $($statement:expr),+ $(,)?) => {{
+        let trip = &$trip;
+        tokio::try_join!(
+            biased;
+            trip.open(),
+            async { tokio::try_join!(biased; $($statement),+) },
+            trip.commit()
+        )
+            .map(|((), outputs, ())| outputs)
+    }};
+}
+pub(crate) use in_one_round_trip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

@@ -1,14 +1,15 @@
 //! `promote_scheduled`: scheduled and retryable jobs whose time has come become available.
 //!
 //! Runs in batches, each its own short fenced transaction, and reports each job's promotion lag
-//! (now − run_at). A batch takes three round trips: BEGIN; the fence, the promotion and the plan
-//! for the next wake-up, pipelined; COMMIT. Commits do not wait for their WAL flush
+//! (now − run_at). A batch is one round trip ([`crate::OneTrip`]): BEGIN, the fence, the
+//! promotion, the plan for the next wake-up and COMMIT go out together. Commits do not wait for their WAL flush
 //! ([`Durability::Relaxed`]): a promotion lost in a server crash leaves the job scheduled and
 //! due, so the next pass promotes it again, and a worker's claim of a promoted job flushes the
 //! promotion with it. Between runs it sleeps until the earliest due job (never longer than the
 //! interval, never shorter than `min_wake_gap`), and it publishes that wake-up time in
 //! `leader.promote_wakeup_at` so that producers NOTIFY only for jobs due before it.
 
+use crate::in_one_round_trip;
 use crate::{
     check_batch, check_interval, Branch, BranchContext, BranchError, Durability, InvalidConfig,
     LoopKind, Observation, Outcome,
@@ -152,21 +153,23 @@ impl Branch for PromoteScheduled {
         let mut lags = Vec::new();
         let mut run_again_in = None;
         for batch in 1..=self.config.max_batches_per_run {
-            let (tx, fence) = ctx.begin(Durability::Relaxed).await?;
-            // One round trip for the fence, the batch and the plan for the next wake-up: the
-            // path every promotion waits on. The plan is only used after a short batch; after
-            // a full one it finds due jobs left and withdraws any published wake-up, which is
-            // right, since the promoter goes again at once.
-            let (_, rows, plan) = tokio::try_join!(
-                fence.check(&tx),
+            // The whole batch in one round trip, the path every promotion waits on: BEGIN, the
+            // fence, the batch, the plan for the next wake-up, COMMIT. The plan is only used
+            // after a short batch; after a full one it finds due jobs left and withdraws any
+            // published wake-up, which is right, since the promoter goes again at once.
+            let trip = ctx.one_trip(Durability::Relaxed);
+            let (rows, plan) = in_one_round_trip!(
+                trip,
                 async {
-                    let rows = tx
+                    let rows = trip
+                        .client()
                         .query_typed(PROMOTE, &[(&self.config.batch_size, Type::INT8)])
                         .await?;
                     Ok::<_, BranchError>(rows)
                 },
                 async {
-                    let plan = tx
+                    let plan = trip
+                        .client()
                         .query_typed_one(
                             PLAN_WAKEUP,
                             &[
@@ -179,7 +182,6 @@ impl Branch for PromoteScheduled {
                     Ok::<_, BranchError>(plan)
                 },
             )?;
-            tx.commit().await?;
             lags.extend(rows.iter().map(|r| r.get::<_, f64>(0)));
             let full = rows.len() as i64 == self.config.batch_size;
             if full && batch < self.config.max_batches_per_run {

@@ -5,6 +5,7 @@
 //! becomes `retryable` after `retry_backoff`, or `failed` once its attempts are used up, and an
 //! entry `{attempt, at, reason, error}` is appended to `errors`.
 
+use crate::in_one_round_trip;
 use crate::{
     check_batch, check_interval, BranchContext, BranchError, Durability, InvalidConfig,
     Observation, Outcome, RescueReason,
@@ -174,12 +175,10 @@ pub async fn run_batches(
     let (mut retried, mut failed) = (0u64, 0u64);
     let mut more_left = false;
     for batch in 0..max_batches {
-        let (tx, fence) = ctx.begin(Durability::Default).await?;
-        // The fence and the batch in one round trip; the commit waits for the fence's check.
-        let (_, rows) = tokio::try_join!(fence.check(&tx), async {
-            Ok::<_, BranchError>(tx.query_typed(statement, &params).await?)
+        let trip = ctx.one_trip(Durability::Default);
+        let (rows,) = in_one_round_trip!(trip, async {
+            Ok::<_, BranchError>(trip.client().query_typed(statement, &params).await?)
         })?;
-        tx.commit().await?;
         for row in &rows {
             if row.get::<_, &str>(1) == "failed" {
                 failed += 1;

@@ -212,6 +212,18 @@ async fn a_stale_term_commits_nothing() {
         matches!(err, BranchError::Fenced { epoch, current } if epoch == EPOCH - 1 && current == EPOCH)
     );
     assert_eq!(count_in(&client, "scheduled").await, 5);
+
+    // The failed transaction went out whole, its COMMIT included: the connection is left
+    // outside any transaction, so the current term's pass on it commits for everyone to see.
+    let mut promoter = db.client().await;
+    run_as(&branch(Config::default()), &mut promoter, EPOCH - 1)
+        .await
+        .unwrap_err();
+    let outcome = run_as(&branch(Config::default()), &mut promoter, EPOCH)
+        .await
+        .unwrap();
+    assert_eq!(outcome.rows, 5);
+    assert_eq!(count_in(&client, "available").await, 5);
 }
 
 #[tokio::test]

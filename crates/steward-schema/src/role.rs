@@ -18,6 +18,7 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.retry_backoff(integer, double precision, double precision, double precision) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.create_archive_partition(date) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.drop_archive_partitions_before(date) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.fence(bigint, text, text, boolean) TO {role};
 ";
 
 #[derive(Debug, thiserror::Error)]
