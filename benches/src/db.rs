@@ -1,5 +1,11 @@
-//! The PostgreSQL server (found or started by `steward_devdb::ensure_server`) and the bench's
-//! own databases, created, migrated and dropped per scenario.
+//! The PostgreSQL server and the bench's own databases, created, migrated and dropped per
+//! scenario.
+//!
+//! The server is `DATABASE_URL` when set; otherwise a throwaway cluster with stock PostgreSQL
+//! settings (`steward_devdb::Tuning::Stock`: durable commits, autovacuum on), so that results
+//! do not depend on how the machine's shared server is tuned (a CI server may run without
+//! autovacuum, under which a queue's indexes only grow). Without PostgreSQL binaries it falls
+//! back to `steward_devdb::ensure_server`.
 
 use anyhow::{bail, Context};
 use deadpool_postgres::Pool;
@@ -24,13 +30,25 @@ pub struct ServerInfo {
     pub synchronous_commit: String,
     pub shared_buffers: String,
     pub max_connections: String,
+    pub autovacuum: String,
+}
+
+async fn server() -> Result<steward_devdb::Server, steward_devdb::DevDbError> {
+    if std::env::var("DATABASE_URL").is_ok_and(|url| !url.is_empty()) {
+        return steward_devdb::ensure_server().await;
+    }
+    match steward_devdb::start_cluster_tuned(steward_devdb::Tuning::Stock).await {
+        Err(steward_devdb::DevDbError::NoBinaries) => {
+            eprintln!("steward-bench: no PostgreSQL binaries to start a stock cluster; using the server that answers");
+            steward_devdb::ensure_server().await
+        }
+        started => started,
+    }
 }
 
 impl Pg {
     pub async fn start() -> anyhow::Result<Pg> {
-        let server = steward_devdb::ensure_server()
-            .await
-            .context("finding or starting PostgreSQL")?;
+        let server = server().await.context("finding or starting PostgreSQL")?;
         let admin = admin_client(server.url()).await?;
         Ok(Pg { server, admin })
     }
@@ -58,6 +76,7 @@ impl Pg {
             synchronous_commit: show("synchronous_commit").await?,
             shared_buffers: show("shared_buffers").await?,
             max_connections: show("max_connections").await?,
+            autovacuum: show("autovacuum").await?,
         })
     }
 

@@ -480,11 +480,18 @@ fn render(r: &Report) -> String {
         m.nproc, m.cpu_model, m.memory_gib, m.kernel, m.loadavg_at_start
     );
     if let Some(pg) = &m.postgres {
-        let _ = writeln!(
+        let _ =
+            writeln!(
             out,
-            "postgres: {} (fsync={}, synchronous_commit={}, shared_buffers={}); {}",
-            pg.version, pg.fsync, pg.synchronous_commit, pg.shared_buffers, pg.source
+            "postgres: {} (fsync={}, synchronous_commit={}, shared_buffers={}, autovacuum={}); {}",
+            pg.version, pg.fsync, pg.synchronous_commit, pg.shared_buffers, pg.autovacuum, pg.source
         );
+        if pg.autovacuum != "on" {
+            let _ = writeln!(
+                out,
+                "warning: autovacuum is off on this server, unlike any production one: dead index entries of promoted and finished jobs pile up for the whole run, and every sweep slows down as it goes"
+            );
+        }
     }
     let s = &r.scenarios;
     section(&mut out, "isolation", &s.isolation, isolation::render);

@@ -100,7 +100,13 @@ fn quick_run_reports_every_scenario_with_every_key() {
     keys(
         &report["machine"]["postgres"],
         "machine.postgres",
-        &["version", "fsync", "synchronous_commit", "shared_buffers"],
+        &[
+            "version",
+            "fsync",
+            "synchronous_commit",
+            "shared_buffers",
+            "autovacuum",
+        ],
     );
 
     let scenarios = &report["scenarios"];

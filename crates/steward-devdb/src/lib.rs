@@ -7,6 +7,9 @@
 //! [`start_cluster`] always starts such a throwaway cluster, for tests that stop, restart or
 //! otherwise abuse their server ([`Server::stop_fast`], [`Server::start`],
 //! [`Server::restart_fast`]) and so must never touch a shared one.
+//!
+//! Throwaway clusters come in two [`Tuning`]s: fast for tests (no fsync), and stock PostgreSQL
+//! settings for benchmarks ([`start_cluster_tuned`]).
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -115,11 +118,34 @@ impl Server {
     }
 }
 
+/// How a throwaway cluster is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tuning {
+    /// For tests: no fsync, no synchronous commit, no full-page writes (nothing here must
+    /// survive a crash of the machine), and room for many parallel test connections.
+    Fast,
+    /// PostgreSQL's own defaults, as a production server starts out: durable commits and
+    /// autovacuum on. What benchmarks measure against, whatever the machine's shared server
+    /// is tuned for.
+    Stock,
+}
+
+impl Tuning {
+    fn server_options(self) -> &'static str {
+        match self {
+            Tuning::Fast => {
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            }
+            Tuning::Stock => "-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c autovacuum=on",
+        }
+    }
+}
+
 /// `DATABASE_URL`, else 127.0.0.1:5432 if it answers, else a throwaway cluster.
 /// `STEWARD_DEVDB=throwaway` skips the first two (CI uses it to exercise the fallback).
 pub async fn ensure_server() -> Result<Server, DevDbError> {
     if std::env::var("STEWARD_DEVDB").is_ok_and(|v| v == "throwaway") {
-        return start_throwaway().await;
+        return start_cluster().await;
     }
     if let Ok(url) = std::env::var("DATABASE_URL") {
         if !url.is_empty() {
@@ -132,17 +158,18 @@ pub async fn ensure_server() -> Result<Server, DevDbError> {
             cluster: None,
         });
     }
-    start_throwaway().await
+    start_cluster().await
 }
 
 /// Always starts a throwaway cluster (never uses `DATABASE_URL` or 127.0.0.1:5432), stopped and
 /// deleted when the returned [`Server`] is dropped. For tests that stop or restart their server.
 pub async fn start_cluster() -> Result<Server, DevDbError> {
-    start_throwaway().await
+    start_cluster_tuned(Tuning::Fast).await
 }
 
-async fn start_throwaway() -> Result<Server, DevDbError> {
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
+/// [`start_cluster`] with a choice of [`Tuning`].
+pub async fn start_cluster_tuned(tuning: Tuning) -> Result<Server, DevDbError> {
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(tuning))
         .await
         .map_err(|e| DevDbError::Cluster {
             step: "starting cluster",
@@ -191,7 +218,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Result<Cluster, DevDbError> {
+    fn start(tuning: Tuning) -> Result<Cluster, DevDbError> {
         let bin_dir = find_bin_dir().ok_or(DevDbError::NoBinaries)?;
         // initdb refuses to run as root: run the server as an unprivileged user then.
         let run_as = is_root().then(unprivileged_user);
@@ -209,8 +236,9 @@ impl Cluster {
         let port = free_port()?;
         let socket_dir = dir.path().to_path_buf();
         let server_options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-            socket_dir.display()
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} {}",
+            socket_dir.display(),
+            tuning.server_options()
         );
         let log = data_dir.join("server.log");
         let cluster = Cluster {
