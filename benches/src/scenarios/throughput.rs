@@ -265,6 +265,23 @@ async fn run_on(db: &BenchDb, s: &Settings) -> anyhow::Result<(ThroughputResult,
         )
         .await
         .context("creating archive partitions")?;
+    // Every timed run starts from an explicit VACUUM and CHECKPOINT (`settle`); a background
+    // autovacuum of the last run's dead rows would land in some timed runs and not others.
+    client
+        .batch_execute(
+            "DO $$
+             DECLARE t regclass;
+             BEGIN
+                 FOR t IN SELECT 'jobs'::regclass
+                          UNION ALL SELECT inhrelid::regclass FROM pg_inherits
+                                    WHERE inhparent = 'job_archive'::regclass
+                 LOOP
+                     EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = off)', t);
+                 END LOOP;
+             END $$",
+        )
+        .await
+        .context("turning autovacuum off for the throughput tables")?;
     let mut branches = Vec::new();
     let repeats = s.repeats.max(1);
     for case in cases(s) {
