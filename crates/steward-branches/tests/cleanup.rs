@@ -449,3 +449,34 @@ fn config_parses_overrides_and_rejects_unknown_keys_and_bad_values() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_row_held_by_another_transaction_is_skipped_and_cleaned_once_released() {
+    let db = db_with_leader().await;
+    let client = db.client().await;
+    for archive in [true, false] {
+        finished(&client, "q", "completed", 10, 25.0 * HOUR).await;
+        let mut holder = db.client().await;
+        let hold = holder.transaction().await.unwrap();
+        hold.execute(
+            "SELECT id FROM jobs ORDER BY finalized_at, id LIMIT 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+        let cleanup = Cleanup::new(Config {
+            archive,
+            ..Config::default()
+        });
+        let mut cleaner = db.client().await;
+        let outcome = run_as(&cleanup, &mut cleaner, EPOCH).await.unwrap();
+        assert_eq!(outcome.rows, 9, "archive = {archive}");
+        assert_eq!(in_jobs(&client, "q", "completed").await, 1);
+
+        hold.rollback().await.unwrap();
+        let outcome = run_as(&cleanup, &mut cleaner, EPOCH).await.unwrap();
+        assert_eq!(outcome.rows, 1, "archive = {archive}");
+        assert_eq!(in_jobs(&client, "q", "completed").await, 0);
+    }
+    assert_eq!(archived(&client, "q", "completed").await, 10);
+}
