@@ -2,8 +2,9 @@
 //! purpose, naming the index it relies on), its configuration, and its [`Branch`] impl.
 //!
 //! A branch does not know which loop runs it. It gets a [`BranchContext`] holding the loop's
-//! work connection and the leadership epoch, and does its writes in [`BranchContext::fenced`]
-//! transactions, which refuse to proceed once a newer leadership term has started. Every
+//! work connection and the leadership epoch, and does its writes in fenced transactions
+//! ([`BranchContext::fenced`], or [`BranchContext::one_trip`] for a batch sent whole), which
+//! refuse to proceed once a newer leadership term has started. Every
 //! branch must also be safe when two instances run it at the same instant (row locks with
 //! `SKIP LOCKED`, state re-checks, unique keys), not only because of the election.
 
@@ -147,7 +148,7 @@ impl<'a> BranchContext<'a> {
         }
     }
 
-    /// A fenced transaction to send in one round trip ([`in_one_round_trip!`]).
+    /// A fenced transaction to send in one round trip (`in_one_round_trip!`).
     pub fn one_trip(&self, durability: Durability) -> OneTrip<'_> {
         OneTrip {
             client: self.client,
@@ -158,7 +159,7 @@ impl<'a> BranchContext<'a> {
 
 /// A transaction's fence ([`FENCE`]), not yet run.
 #[derive(Debug, Clone, Copy)]
-pub struct Fence {
+struct Fence {
     epoch: i64,
     timeouts: Timeouts,
     durability: Durability,
@@ -202,7 +203,7 @@ impl Fence {
 /// statements return is needed to decide whether to commit, since the fence aborts the
 /// transaction on the server and an aborted transaction's COMMIT rolls back. For the hot path
 /// whose latency users feel (a promote batch: three round trips otherwise). Use it through
-/// [`in_one_round_trip!`], which keeps the order right.
+/// `in_one_round_trip!`, which keeps the order right.
 pub struct OneTrip<'a> {
     client: &'a Client,
     fence: Fence,
