@@ -4,6 +4,14 @@
 //! A rescue treats the expiry like a failed attempt, the way the client's `FAIL` does: the job
 //! becomes `retryable` after `retry_backoff`, or `failed` once its attempts are used up, and an
 //! entry `{attempt, at, reason, error}` is appended to `errors`.
+//!
+//! Batch commits do not wait for their WAL flush ([`Durability::Relaxed`]). A rescue lost in a
+//! server crash leaves the job as it was and still expired, so the next pass (after the quiet
+//! period that a lost database starts) rescues it again; a later commit that builds on it, such
+//! as a worker's claim of the retried job, flushes it first, since WAL is flushed in order.
+//! Waiting for the flush bought nothing and cost the most when the disk was busiest: every pass
+//! writes (the fence's row lock), so even an empty pass waited for an fsync behind a cleanup
+//! batch's WAL and held back its loop's siblings.
 
 use crate::in_one_round_trip;
 use crate::{
@@ -175,7 +183,7 @@ pub async fn run_batches(
     let (mut retried, mut failed) = (0u64, 0u64);
     let mut more_left = false;
     for batch in 0..max_batches {
-        let trip = ctx.one_trip(Durability::Default);
+        let trip = ctx.one_trip(Durability::Relaxed);
         let (rows,) = in_one_round_trip!(trip, async {
             Ok::<_, BranchError>(trip.client().query_typed(statement, &params).await?)
         })?;

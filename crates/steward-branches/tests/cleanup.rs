@@ -450,6 +450,17 @@ fn config_parses_overrides_and_rejects_unknown_keys_and_bad_values() {
     );
 }
 
+/// Polls (up to a minute) until some backend waits for a lock.
+async fn until_someone_waits_for_a_lock(client: &Client) {
+    for _ in 0..600 {
+        if scalar(client, "SELECT count(*) FROM pg_locks WHERE NOT granted").await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no backend started waiting for a lock within a minute");
+}
+
 #[tokio::test]
 async fn a_row_held_by_another_transaction_is_skipped_and_cleaned_once_released() {
     let db = db_with_leader().await;
@@ -464,8 +475,11 @@ async fn a_row_held_by_another_transaction_is_skipped_and_cleaned_once_released(
         )
         .await
         .unwrap();
+        // A 1 s interval gives a 250 ms lock timeout: the first batch waits that long for the
+        // held row, then the branch skips held rows.
         let cleanup = Cleanup::new(Config {
             archive,
+            interval: Duration::from_secs(1),
             ..Config::default()
         });
         let mut cleaner = db.client().await;
@@ -479,4 +493,48 @@ async fn a_row_held_by_another_transaction_is_skipped_and_cleaned_once_released(
         assert_eq!(in_jobs(&client, "q", "completed").await, 0);
     }
     assert_eq!(archived(&client, "q", "completed").await, 10);
+}
+
+#[tokio::test]
+async fn a_job_retried_while_cleanup_waits_for_it_stays() {
+    let db = db_with_leader().await;
+    let client = db.client().await;
+    finished(&client, "q", "completed", 5, 25.0 * HOUR).await;
+    let oldest: i64 = client
+        .query_one("SELECT id FROM jobs ORDER BY finalized_at, id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // An operator retries the oldest job; cleanup's batch (which already chose it) waits for
+    // the retry to commit, then must see that the job is no longer finished.
+    let mut operator = db.client().await;
+    let retry = operator.transaction().await.unwrap();
+    retry
+        .execute(
+            "UPDATE jobs SET state = 'available', finalized_at = NULL WHERE id = $1",
+            &[&oldest],
+        )
+        .await
+        .unwrap();
+    let cleaning = tokio::spawn({
+        let db_client = db.client().await;
+        async move {
+            let mut cleaner = db_client;
+            run_as(&Cleanup::new(Config::default()), &mut cleaner, EPOCH).await
+        }
+    });
+    until_someone_waits_for_a_lock(&client).await;
+    retry.commit().await.unwrap();
+    let outcome = cleaning.await.unwrap().unwrap();
+    assert_eq!(outcome.rows, 4);
+    assert_eq!(state_of(&client, oldest).await, "available");
+    assert_eq!(archived(&client, "q", "completed").await, 4);
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM job_archive WHERE state <> 'completed'"
+        )
+        .await,
+        0
+    );
 }
