@@ -478,28 +478,42 @@ impl Group {
             (&self.queues, Type::TEXT_ARRAY),
             (&self.only, Type::BOOL),
             (batch_size, Type::INT8),
-            (&after.finalized_at, Type::TEXT),
+            (&after.key, Type::TEXT),
             (&after.id, Type::INT8),
         ]
     }
 }
 
-/// Where a pass has got to in one group's candidates: the key of the last candidate its
-/// previous batch picked (see [`expired!`]). Every pass starts from the beginning, so a
-/// candidate that a batch passed over (a row another transaction held) waits at most for the
-/// next pass.
+/// Where a pass has got to in one group's candidates: the key (finalized_at, id) of the last
+/// candidate its previous batch picked, where the next batch starts (see [`expired!`]).
+/// Every pass starts from the beginning, so a candidate that a batch passed over (a row another
+/// transaction held, or one that became due meanwhile with an earlier key) waits at most for
+/// the next pass.
 #[derive(Debug, Clone, PartialEq)]
 struct After {
-    /// As PostgreSQL prints it (exact, and `-infinity` included).
-    finalized_at: String,
+    /// finalized_at as PostgreSQL prints it: exact, and `-infinity` included.
+    key: String,
     id: i64,
 }
 
 impl After {
+    /// Before every candidate.
     fn start() -> Self {
         Self {
-            finalized_at: "-infinity".to_owned(),
+            key: "-infinity".to_owned(),
             id: i64::MIN,
+        }
+    }
+
+    /// From columns `at` (the key as text) and `at + 1` (the id) of a batch's result row;
+    /// `None` when the batch picked nothing.
+    fn from_row(row: &tokio_postgres::Row, at: usize) -> Option<Self> {
+        match (
+            row.get::<_, Option<String>>(at),
+            row.get::<_, Option<i64>>(at + 1),
+        ) {
+            (Some(key), Some(id)) => Some(Self { key, id }),
+            _ => None,
         }
     }
 }
@@ -526,13 +540,7 @@ async fn move_batch(
         Ok::<_, BranchError>(trip.client().query_typed_one(sql, params).await?)
     })?;
     let (picked, moved): (i64, i64) = (row.get(0), row.get(1));
-    let last = match (
-        row.get::<_, Option<String>>(2),
-        row.get::<_, Option<i64>>(3),
-    ) {
-        (Some(finalized_at), Some(id)) => Some(After { finalized_at, id }),
-        _ => None,
-    };
+    let last = After::from_row(&row, 2);
     Ok(Batch {
         moved: moved.max(0) as u64,
         full: picked >= batch_size,
