@@ -6,14 +6,17 @@
 use crate::db::{settle, BenchDb, Pg};
 use crate::report::{num, table, Target};
 use anyhow::{ensure, Context};
+use futures_util::TryStreamExt;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
+use steward_branches::rescue_stale_heartbeats::RetryConfig;
 use steward_branches::{
     cleanup, promote_scheduled, rescue_expired_callbacks, rescue_expired_deadlines,
     rescue_stale_heartbeats, Branch, BranchContext,
 };
+use tokio_postgres::types::{ToSql, Type};
 
 pub struct Settings {
     pub rows: i64,
@@ -76,29 +79,49 @@ struct Case {
     name: &'static str,
     /// The SELECT list (after `SELECT`) of one seeded row from `g`; columns as [`COLUMNS`].
     seed: &'static str,
-    plain: &'static str,
+    plain: Plain,
     /// The branch with its default settings, then with `large_batch`.
     configs: [Configured; 2],
 }
 
-/// What a rescue does to a row, as one plain UPDATE (same SET as the branch statements, with
-/// the default retry policy: 1 s base, 1 h max, 10% jitter).
-macro_rules! plain_rescue {
-    ($where:literal, $reason:literal, $set:literal) => {
-        concat!(
-            "UPDATE jobs j SET
-    state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
-    run_at = CASE WHEN j.attempt >= j.max_attempts THEN j.run_at ELSE now() + retry_backoff(j.attempt, 1000, 3600000, 0.1) END,
-    finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
-    errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt, 'at', now(), 'reason', '",
-            $reason,
-            "', 'error', 'rescued'))",
-            $set,
-            "
-WHERE ",
-            $where
-        )
-    };
+/// The physical baseline of one case.
+struct Plain {
+    sql: String,
+    /// For a rescue: the values of the branch's own parameters `$2..` (see [`Plain::rescue`]).
+    rescue_args: Option<Vec<f64>>,
+}
+
+/// Where a rescue statement's SET clause ends and its batch picking begins (the shape
+/// `rescue_statement!` builds; checked by a test).
+const RESCUE_PICK: &str = "\nWHERE j.ctid = ANY(ARRAY(";
+
+impl Plain {
+    fn statement(sql: &str) -> Self {
+        Self {
+            sql: sql.to_owned(),
+            rescue_args: None,
+        }
+    }
+
+    /// A rescue's own `UPDATE jobs j SET ...` (state, backoff and the same error text), applied
+    /// to every row matching `predicate` at once: the same row changes without batches, row
+    /// locks or RETURNING. The SET clause reads the retry parameters `$2..$4` (the default
+    /// retry policy) and, for heartbeats, the staleness `$5` (in `extra`); `$1`, the batch
+    /// size, goes unused.
+    fn rescue(statement: &str, predicate: &str, extra: &[f64]) -> Self {
+        let set = statement
+            .split(RESCUE_PICK)
+            .next()
+            .unwrap_or(statement)
+            .trim();
+        let (base_ms, max_ms, jitter) = RetryConfig::default().policy().sql_params();
+        let mut args = vec![base_ms, max_ms, jitter];
+        args.extend_from_slice(extra);
+        Self {
+            sql: format!("{set}\nWHERE {predicate}"),
+            rescue_args: Some(args),
+        }
+    }
 }
 
 fn cases(s: &Settings) -> Vec<Case> {
@@ -168,8 +191,10 @@ fn cases(s: &Settings) -> Vec<Case> {
             seed: "'tp_' || (g % 4), 'bench.tp', 'scheduled', 2, 2, 0, 25, 0,
                    now() - interval '1 hour' + (g % 3600) * interval '1 second', now() - interval '2 hours',
                    NULL, NULL, NULL, NULL, NULL, NULL",
-            plain: "UPDATE jobs SET state = 'available'
+            plain: Plain::statement(
+                "UPDATE jobs SET state = 'available'
 WHERE state IN ('scheduled', 'retryable') AND run_at <= now()",
+            ),
             configs: [
                 promote(promote_scheduled::Config::default().batch_size),
                 promote(large),
@@ -180,10 +205,12 @@ WHERE state IN ('scheduled', 'retryable') AND run_at <= now()",
             seed: "'tp_' || (g % 4), 'bench.tp', 'running', 2, 2, 1, 25, 1,
                    now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours',
                    now() - interval '1 hour' - (g % 3600) * interval '1 second', NULL, NULL, NULL, NULL",
-            plain: plain_rescue!(
-                "state = 'running' AND heartbeat_at < now() - interval '30 seconds'",
-                "heartbeat_stale",
-                ""
+            plain: Plain::rescue(
+                rescue_stale_heartbeats::RESCUE,
+                "state = 'running' AND heartbeat_at < now() - make_interval(secs => $5)",
+                &[rescue_stale_heartbeats::Config::default()
+                    .staleness
+                    .as_secs_f64()],
             ),
             configs: [
                 heartbeat(rescue_stale_heartbeats::Config::default().batch_size),
@@ -195,10 +222,10 @@ WHERE state IN ('scheduled', 'retryable') AND run_at <= now()",
             seed: "'tp_' || (g % 4), 'bench.tp', 'running', 2, 2, 1, 25, 1,
                    now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours',
                    now(), now() - interval '1 minute' - (g % 3600) * interval '1 second', NULL, NULL, NULL",
-            plain: plain_rescue!(
+            plain: Plain::rescue(
+                rescue_expired_deadlines::RESCUE,
                 "state = 'running' AND deadline_at <= now()",
-                "deadline_expired",
-                ""
+                &[],
             ),
             configs: [
                 deadline(rescue_expired_deadlines::Config::default().batch_size),
@@ -211,10 +238,10 @@ WHERE state IN ('scheduled', 'retryable') AND run_at <= now()",
                    now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours',
                    now() - interval '2 hours', NULL, gen_random_uuid(),
                    now() - interval '1 minute' - (g % 3600) * interval '1 second', NULL",
-            plain: plain_rescue!(
+            plain: Plain::rescue(
+                rescue_expired_callbacks::RESCUE,
                 "state = 'waiting_external' AND callback_timeout_at <= now()",
-                "callback_timeout",
-                ",\n    callback_timeout_at = NULL"
+                &[],
             ),
             configs: [
                 callback(rescue_expired_callbacks::Config::default().batch_size),
@@ -227,7 +254,8 @@ WHERE state IN ('scheduled', 'retryable') AND run_at <= now()",
                    now() - interval '4 days', now() - interval '4 days', now() - interval '3 days',
                    NULL, NULL, NULL, NULL,
                    now() - interval '2 days' - (g % 86400) * interval '1 second'",
-            plain: "WITH gone AS (
+            plain: Plain::statement(
+                "WITH gone AS (
     DELETE FROM jobs
     WHERE state = 'completed' AND finalized_at < now() - interval '24 hours'
     RETURNING id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
@@ -238,6 +266,7 @@ INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts
 SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
        created_at, attempted_at, finalized_at, unique_key, args, errors
 FROM gone",
+            ),
             configs: [
                 clean(cleanup::Config::default().batch_size),
                 clean(large),
@@ -343,7 +372,7 @@ async fn run_on(db: &BenchDb, s: &Settings) -> anyhow::Result<(ThroughputResult,
             plain_s: round(plain_s, 3),
             plain_rows_per_s: round(plain_rps, 0),
             plain_samples_s: plain.iter().map(|t| round(*t, 3)).collect(),
-            plain_sql: case.plain.to_owned(),
+            plain_sql: case.plain.sql.clone(),
             default: config_run(0, "default"),
             large: config_run(1, "large"),
         });
@@ -419,10 +448,20 @@ async fn time_plain(
     reset(client).await?;
     seed(client, case, expected).await?;
     let started = Instant::now();
-    let rows = client
-        .execute(case.plain, &[])
-        .await
-        .with_context(|| format!("plain statement for {}", case.name))?;
+    let rows = match &case.plain.rescue_args {
+        None => client.execute(case.plain.sql.as_str(), &[]).await,
+        Some(args) => {
+            let unused_batch_size = 0_i64;
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+                vec![(&unused_batch_size, Type::INT8)];
+            params.extend(
+                args.iter()
+                    .map(|a| (a as &(dyn ToSql + Sync), Type::FLOAT8)),
+            );
+            execute_typed(client, &case.plain.sql, &params).await
+        }
+    }
+    .with_context(|| format!("plain statement for {}", case.name))?;
     let seconds = started.elapsed().as_secs_f64();
     ensure!(
         rows == expected as u64,
@@ -430,6 +469,18 @@ async fn time_plain(
         case.name
     );
     Ok(seconds)
+}
+
+/// Runs a statement with typed parameters; returns the rows it changed.
+async fn execute_typed(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<u64, tokio_postgres::Error> {
+    let rows = client.query_typed_raw(sql, params.iter().cloned()).await?;
+    futures_util::pin_mut!(rows);
+    while rows.try_next().await?.is_some() {}
+    Ok(rows.rows_affected().unwrap_or(0))
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -507,4 +558,46 @@ pub fn render(r: &ThroughputResult) -> String {
     }
     out.push_str(&table(&rows));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rescue_baselines_are_the_branch_statements_set_clauses() {
+        let settings = Settings {
+            rows: 10,
+            large_batch: 10,
+            repeats: 1,
+        };
+        for case in cases(&settings) {
+            let Some(args) = &case.plain.rescue_args else {
+                continue;
+            };
+            let sql = &case.plain.sql;
+            assert!(sql.starts_with("UPDATE jobs j SET"), "{sql}");
+            assert!(
+                !sql.contains("LIMIT") && !sql.contains("RETURNING"),
+                "{sql}"
+            );
+            assert!(
+                sql.contains("retry_backoff(j.attempt, $2, $3, $4)"),
+                "{sql}"
+            );
+            assert!(
+                sql.contains("'error', format("),
+                "the branch's error text: {sql}"
+            );
+            let heartbeat = case.name == "rescue_stale_heartbeats";
+            assert_eq!(args.len(), if heartbeat { 4 } else { 3 }, "{}", case.name);
+        }
+        for statement in [
+            rescue_stale_heartbeats::RESCUE,
+            rescue_expired_deadlines::RESCUE,
+            rescue_expired_callbacks::RESCUE,
+        ] {
+            assert_eq!(statement.matches(RESCUE_PICK).count(), 1, "{statement}");
+        }
+    }
 }
