@@ -13,11 +13,12 @@
 //! archive. It waits for a candidate another transaction holds (another cleaner's batch, a
 //! short update) rather than locking every row first; after a wait that hits the lock timeout
 //! (a row held by an idle transaction), batches lock their candidates with `SKIP LOCKED` for
-//! ten minutes (see the `picked!` macro), so that one held row never stalls cleanup. The next batch
-//! follows when a batch picked a whole batch of candidates, whatever it moved, and it starts
-//! after the last of them. When a UTC day among them has no archive partition the insert
-//! fails (23514) and the transaction rolls back; the branch then creates the days the batch
-//! needs in a transaction of its own (under [`crate::rotate_archive::LOCK_PARTITIONS`]) and runs the batch again.
+//! ten minutes (see the `picked!` macro), so that one held row never stalls cleanup. The next
+//! batch follows when a batch picked a whole batch of candidates, whatever it moved, and it
+//! starts after the last of them. When a UTC day among them has no archive partition the
+//! insert fails (23514) and the transaction rolls back; the branch then creates the days the
+//! batch needs in a transaction of its own (under [`crate::rotate_archive::LOCK_PARTITIONS`])
+//! and runs the batch again.
 //! Partitions are created ahead by `rotate_archive`, so the second try is the exception (old
 //! backlogs, a first run), and the common path pays for no check at all: checking each batch's
 //! days inside the statement cost about a quarter of its time (15 of ~60 ms per 10k rows).
