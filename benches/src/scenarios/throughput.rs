@@ -110,9 +110,8 @@ impl Plain {
     /// size, goes unused.
     fn rescue(statement: &str, predicate: &str, extra: &[f64]) -> Self {
         let set = statement
-            .split(RESCUE_PICK)
-            .next()
-            .unwrap_or(statement)
+            .split_once(RESCUE_PICK)
+            .map_or(statement, |(set, _)| set)
             .trim();
         let (base_ms, max_ms, jitter) = RetryConfig::default().policy().sql_params();
         let mut args = vec![base_ms, max_ms, jitter];

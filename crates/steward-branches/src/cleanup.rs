@@ -506,12 +506,12 @@ impl After {
         }
     }
 
-    /// From columns `at` (the key as text) and `at + 1` (the id) of a batch's result row;
-    /// `None` when the batch picked nothing.
-    fn from_row(row: &tokio_postgres::Row, at: usize) -> Option<Self> {
+    /// From the last two columns of a [`batch_result!`] row; `None` when the batch picked
+    /// nothing.
+    fn from_batch_result(row: &tokio_postgres::Row) -> Option<Self> {
         match (
-            row.get::<_, Option<String>>(at),
-            row.get::<_, Option<i64>>(at + 1),
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<i64>>(3),
         ) {
             (Some(key), Some(id)) => Some(Self { key, id }),
             _ => None,
@@ -541,7 +541,7 @@ async fn move_batch(
         Ok::<_, BranchError>(trip.client().query_typed_one(sql, params).await?)
     })?;
     let (picked, moved): (i64, i64) = (row.get(0), row.get(1));
-    let last = After::from_row(&row, 2);
+    let last = After::from_batch_result(&row);
     Ok(Batch {
         moved: moved.max(0) as u64,
         full: picked >= batch_size,
@@ -598,19 +598,21 @@ impl Cleanup {
         }
     }
 
-    fn mode(&self) -> Mode {
-        let until = *self
-            .skip_held_rows_until
+    fn skip_held_rows_until(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A poisoned lock only means a holder panicked; the instant is still meaningful.
+        self.skip_held_rows_until
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match until {
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn mode(&self) -> Mode {
+        match *self.skip_held_rows_until() {
             Some(until) if Instant::now() < until => Mode::Skip,
             _ => Mode::Wait,
         }
     }
 
-    /// One batch of `group` in the current mode: (rows moved, whether the batch was full).
-    /// When a `wait` batch ran into a held row, it switches to skipping held rows and runs the
+    /// One batch of `group`, starting after `after`, in the current mode. When a `wait` batch ran into a held row, it switches to skipping held rows and runs the
     /// batch again.
     async fn batch(
         &self,
@@ -622,11 +624,7 @@ impl Cleanup {
         match self.batch_in(ctx, group, after, mode).await {
             Err(e) if mode == Mode::Wait && ran_into_a_held_row(&e) => {
                 tracing::info!(error = %e, skip_for = ?SKIP_HELD_ROWS_FOR, "cleanup ran into a row another transaction holds; skipping held rows for a while");
-                *self
-                    .skip_held_rows_until
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                    Some(Instant::now() + SKIP_HELD_ROWS_FOR);
+                *self.skip_held_rows_until() = Some(Instant::now() + SKIP_HELD_ROWS_FOR);
                 self.batch_in(ctx, group, after, Mode::Skip).await
             }
             result => result,
