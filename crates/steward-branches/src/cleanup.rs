@@ -612,8 +612,8 @@ impl Cleanup {
         }
     }
 
-    /// One batch of `group`, starting after `after`, in the current mode. When a `wait` batch ran into a held row, it switches to skipping held rows and runs the
-    /// batch again.
+    /// One batch of `group`, starting after `after`, in the current mode. When a `wait` batch
+    /// ran into a held row, it switches to skipping held rows and runs the batch again.
     async fn batch(
         &self,
         ctx: &mut BranchContext<'_>,
