@@ -28,9 +28,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use steward_branches::{Branch, BranchContext, BranchError, BranchesConfig, LoopKind};
+use steward_branches::{Branch, BranchContext, BranchError, BranchesConfig, Class};
+use steward_connection::{SchemaName, Target};
 use steward_queue::Queue;
-use steward_schema::SchemaName;
 use steward_testkit::TestDb;
 use support::Steward;
 use tokio_postgres::Client;
@@ -67,18 +67,21 @@ impl PrivateDb {
         db
     }
 
-    fn config(&self, application_name: &str) -> tokio_postgres::Config {
-        steward_schema::pg_config(&self.url, &SchemaName::default(), application_name).unwrap()
+    fn target(&self, application_name: &str) -> Target {
+        Target::new(&self.url, SchemaName::default())
+            .unwrap()
+            .named(application_name)
     }
 
     async fn client(&self, application_name: &str) -> Client {
-        steward_schema::connect(&self.config(application_name))
+        self.target(application_name)
+            .connect()
             .await
             .expect("connecting to the private cluster")
     }
 
     fn queue(&self) -> Queue {
-        let pool = steward_schema::pool(self.config("chaos-workload"), 16).unwrap();
+        let pool = self.target("chaos-workload").pool(16).unwrap();
         Queue::new(pool, &SchemaName::default()).with_retry_policy(RETRY)
     }
 }
@@ -460,9 +463,12 @@ fn network_cut(cut: Cut) {
     assert_eq!(late.late, 0, "A committed after B's term began: {late:?}");
     // The detector is not blind: a write in A's name now counts as late.
     rt.block_on(async {
-        let mut config = db.config();
-        config.application_name(format!("steward:{a_instance}:control"));
-        let control = steward_schema::connect(&config).await.unwrap();
+        let control = db
+            .target()
+            .named(&format!("steward:{a_instance}:control"))
+            .connect()
+            .await
+            .unwrap();
         control
             .execute(
                 "UPDATE leader SET last_progress_at = last_progress_at WHERE id = 1",
@@ -671,13 +677,13 @@ struct DriverStats {
 /// at the same instant (a barrier), under the same epoch, on their own connections.
 async fn drive(
     branches: Vec<Arc<dyn Branch>>,
-    config: tokio_postgres::Config,
+    target: Target,
     barrier: Arc<tokio::sync::Barrier>,
     stop_now: Arc<AtomicBool>,
     stop: CancellationToken,
     pause: Duration,
 ) -> DriverStats {
-    let mut client = steward_schema::connect(&config).await.unwrap();
+    let mut client = target.connect().await.unwrap();
     let mut stats = DriverStats::default();
     loop {
         // Both decide to stop at the same round, or one would wait for the other forever.
@@ -753,8 +759,8 @@ fn two_instances_running_every_branch_at_once_double_nothing() {
     let stop = CancellationToken::new();
     let mut drivers = tokio::task::JoinSet::new();
     for (kind, pause) in [
-        (LoopKind::Slo, Duration::from_millis(50)),
-        (LoopKind::Hygiene, Duration::from_millis(200)),
+        (Class::Slo, Duration::from_millis(50)),
+        (Class::Hygiene, Duration::from_millis(200)),
     ] {
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let stop_now = Arc::new(AtomicBool::new(false));
@@ -762,13 +768,14 @@ fn two_instances_running_every_branch_at_once_double_nothing() {
             let branches: Vec<Arc<dyn Branch>> = config
                 .build()
                 .into_iter()
-                .filter(|b| b.loop_kind() == kind)
+                .filter(|b| b.class() == kind)
                 .collect();
-            let mut db_config = db.config();
-            db_config.application_name(format!("chaos:{instance}:{}", kind.as_str()));
+            let target = db
+                .target()
+                .named(&format!("chaos:{instance}:{}", kind.as_str()));
             let driver = drive(
                 branches,
-                db_config,
+                target,
                 barrier.clone(),
                 stop_now.clone(),
                 stop.clone(),

@@ -11,8 +11,8 @@ use anyhow::{bail, Context};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 use std::time::Duration;
+use steward_connection::{SchemaName, Target};
 use steward_queue::Queue;
-use steward_schema::SchemaName;
 use tokio_postgres::{Client, Config, NoTls};
 
 pub struct Pg {
@@ -69,7 +69,7 @@ impl Pg {
             version_full: self.admin.query_one("SELECT version()", &[]).await?.get(0),
             source: format!(
                 "{} ({})",
-                steward_schema::redact_url(self.url()),
+                steward_connection::redact_url(self.url()),
                 self.server.describe()
             ),
             fsync: show("fsync").await?,
@@ -154,21 +154,18 @@ pub struct BenchDb {
 }
 
 impl BenchDb {
-    pub fn config(&self, application_name: &str) -> anyhow::Result<Config> {
-        Ok(steward_schema::pg_config(
-            &self.url,
-            &self.schema,
-            application_name,
-        )?)
+    /// This database and its schema.
+    pub fn target(&self) -> anyhow::Result<Target> {
+        Ok(Target::new(&self.url, self.schema.clone())?)
     }
 
     /// A dedicated connection with the schema pinned.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Ok(steward_schema::connect(&self.config("steward-bench")?).await?)
+        Ok(self.target()?.named("steward-bench").connect().await?)
     }
 
     pub fn pool(&self, size: usize, application_name: &str) -> anyhow::Result<Pool> {
-        Ok(steward_schema::pool(self.config(application_name)?, size)?)
+        Ok(self.target()?.named(application_name).pool(size)?)
     }
 
     pub fn queue(&self, size: usize, application_name: &str) -> anyhow::Result<Queue> {
@@ -183,7 +180,7 @@ async fn admin_client(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = config
         .connect(NoTls)
         .await
-        .with_context(|| format!("connecting to {}", steward_schema::redact_url(url)))?;
+        .with_context(|| format!("connecting to {}", steward_connection::redact_url(url)))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

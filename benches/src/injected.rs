@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use std::time::Duration;
-use steward_branches::{Branch, BranchContext, BranchError, LoopKind, Outcome, Timeouts};
+use steward_branches::{Branch, BranchContext, BranchError, Class, Outcome, Timeouts};
 
 pub const NAME: &str = "bench_injected_delay";
 
@@ -19,8 +19,8 @@ impl Branch for InjectedDelay {
         NAME
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

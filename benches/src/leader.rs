@@ -7,8 +7,8 @@ use anyhow::{anyhow, bail, Context};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::Branch;
+use steward_connection::{SchemaName, Target};
 use steward_leader::{Candidate, LeaderSettings};
-use steward_schema::SchemaName;
 use tokio_util::sync::CancellationToken;
 
 pub struct Leader {
@@ -26,12 +26,8 @@ impl Leader {
         branches: Vec<Arc<dyn Branch>>,
         recorder: Arc<Recorder>,
     ) -> anyhow::Result<Leader> {
-        let problems = settings.validate();
-        if !problems.is_empty() {
-            bail!("invalid leader settings: {problems:?}");
-        }
-        let candidate =
-            Candidate::new(url, schema.clone(), settings, branches).with_observer(recorder.clone());
+        let target = Target::new(url, schema.clone())?;
+        let candidate = Candidate::new(target, settings, branches)?.with_observer(recorder.clone());
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let thread = std::thread::Builder::new()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use steward_branches::{LoopKind, Observation};
+use steward_branches::{Class, Observation};
 use steward_leader::{BranchRun, LeadershipEvent, Observer, OverrunState, RunResult, Transition};
 
 /// Per branch, over the window.
@@ -115,7 +115,7 @@ impl Observer for Recorder {
             }
         }
         let stats = data.branches.entry(run.branch).or_default();
-        stats.slo = run.loop_kind == LoopKind::Slo;
+        stats.slo = run.class == Class::Slo;
         if stats.runs == 0
             && run.overrun == OverrunState::Delayed
             && run.transition != Transition::BecameDelayed

@@ -29,8 +29,8 @@
 use crate::in_one_round_trip;
 use crate::rotate_archive::LOCK_PARTITIONS;
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Durability, InvalidConfig,
-    LoopKind, Outcome,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, Durability,
+    InvalidConfig, Outcome,
 };
 use async_trait::async_trait;
 use chrono::NaiveDate;
@@ -659,8 +659,8 @@ impl Branch for Cleanup {
         "cleanup"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

@@ -10,7 +10,7 @@
 //! skipped and reported; they never stop the others.
 
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig,
     Observation, Outcome,
 };
 use async_trait::async_trait;
@@ -471,8 +471,8 @@ impl Branch for CronSync {
         "cron_sync"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

@@ -27,31 +27,33 @@ use serde::Deserialize;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use steward_connection::{describe_pg_error, SchemaName};
 use steward_queue::JobState;
-use steward_schema::{describe_pg_error, SchemaName};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
-/// Which loop a branch belongs to in split mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LoopKind {
+/// What a branch is for. In split mode the leader never lets a hygiene pass delay an SLO
+/// branch: the two classes run on different loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
     /// Branches users feel directly: promotion and rescues.
     Slo,
     /// Branches that keep the database healthy.
     Hygiene,
 }
 
-impl LoopKind {
+impl Class {
     pub fn as_str(self) -> &'static str {
         match self {
-            LoopKind::Slo => "slo",
-            LoopKind::Hygiene => "hygiene",
+            Class::Slo => "slo",
+            Class::Hygiene => "hygiene",
         }
     }
 }
 
-impl fmt::Display for LoopKind {
+impl fmt::Display for Class {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -61,18 +63,18 @@ impl fmt::Display for LoopKind {
 pub trait Branch: Send + Sync {
     /// Stable name, used in metrics, logs and `branch_health`.
     fn name(&self) -> &'static str;
-    fn loop_kind(&self) -> LoopKind;
+    fn class(&self) -> Class;
     /// How often the branch runs when it asks for nothing sooner.
     fn interval(&self) -> Duration;
     /// Per-statement limits; by default derived from the interval.
     fn timeouts(&self) -> Timeouts {
         Timeouts::for_interval(self.interval())
     }
-    /// In split mode, the name of a loop (task and connection) of the branch's own; `None`
-    /// (the default) shares its loop kind's loop. For a branch that runs back to back under
-    /// load, whose passes would otherwise hold back every sibling that comes due meanwhile.
-    fn own_loop(&self) -> Option<&'static str> {
-        None
+    /// In split mode, run on a loop (task and connection) of the branch's own rather than on
+    /// its class's shared loop: for a branch that runs back to back under load, whose passes
+    /// would otherwise hold back every sibling that comes due meanwhile.
+    fn needs_own_loop(&self) -> bool {
+        false
     }
     /// A NOTIFY channel whose notifications make the branch due at once.
     fn wake_channel(&self, _schema: &SchemaName) -> Option<String> {

@@ -4,8 +4,7 @@
 //! Batches of `batch_size`, oldest first, each one short fenced transaction.
 
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
-    Outcome,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -103,8 +102,8 @@ impl Branch for PriorityAging {
         "priority_aging"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

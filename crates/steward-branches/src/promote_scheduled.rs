@@ -11,13 +11,13 @@
 
 use crate::in_one_round_trip;
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Durability, InvalidConfig,
-    LoopKind, Observation, Outcome,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, Durability,
+    InvalidConfig, Observation, Outcome,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
-use steward_schema::SchemaName;
+use steward_connection::SchemaName;
 use tokio_postgres::types::Type;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
@@ -125,8 +125,8 @@ impl Branch for PromoteScheduled {
         "promote_scheduled"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Slo
+    fn class(&self) -> Class {
+        Class::Slo
     }
 
     fn interval(&self) -> Duration {
@@ -136,8 +136,8 @@ impl Branch for PromoteScheduled {
     /// Under load the promoter goes again as soon as a pass ends: in a shared loop, a rescue
     /// that came due would wait out a promote pass, and a long rescue pass would hold back
     /// promotions.
-    fn own_loop(&self) -> Option<&'static str> {
-        Some("promote")
+    fn needs_own_loop(&self) -> bool {
+        true
     }
 
     fn wake_channel(&self, schema: &SchemaName) -> Option<String> {

@@ -8,8 +8,7 @@
 //! `rows` counts snapshot rows whose depth changed (inserted, updated or deleted).
 
 use crate::{
-    check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind, Observation,
-    Outcome,
+    check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Observation, Outcome,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -102,8 +101,8 @@ impl Branch for QueueStats {
         "queue_stats"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

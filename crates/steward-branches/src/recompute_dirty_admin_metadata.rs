@@ -18,8 +18,7 @@
 
 use crate::refresh_admin_metadata::Counts;
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
-    Outcome,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -93,8 +92,8 @@ impl Branch for RecomputeDirtyAdminMetadata {
         "recompute_dirty_admin_metadata"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

@@ -9,7 +9,7 @@
 //! recount of a queue. `rows` counts `queue_counts` rows whose count changed (inserted,
 //! updated or deleted).
 
-use crate::{check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind, Outcome};
+use crate::{check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -144,8 +144,8 @@ impl Branch for RefreshAdminMetadata {
         "refresh_admin_metadata"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

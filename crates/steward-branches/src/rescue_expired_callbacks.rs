@@ -7,7 +7,7 @@
 //! `CallbackNotPending`.
 
 use crate::rescue::{self, rescue_statement};
-use crate::{Branch, BranchContext, BranchError, LoopKind, Outcome, RescueReason};
+use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -46,8 +46,8 @@ impl Branch for RescueExpiredCallbacks {
         "rescue_expired_callbacks"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Slo
+    fn class(&self) -> Class {
+        Class::Slo
     }
 
     fn interval(&self) -> Duration {

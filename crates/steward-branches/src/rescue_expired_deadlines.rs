@@ -5,7 +5,7 @@
 //! lease: the run is no longer `running`, and a new claim changes `run_lease`.
 
 use crate::rescue::{self, rescue_statement};
-use crate::{Branch, BranchContext, BranchError, LoopKind, Outcome, RescueReason};
+use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -41,8 +41,8 @@ impl Branch for RescueExpiredDeadlines {
         "rescue_expired_deadlines"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Slo
+    fn class(&self) -> Class {
+        Class::Slo
     }
 
     fn interval(&self) -> Duration {

@@ -7,8 +7,8 @@
 
 use crate::rescue::{self, rescue_statement};
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind,
-    Outcome, RescueReason,
+    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
+    RescueReason,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -104,8 +104,8 @@ impl Branch for RescueStaleHeartbeats {
         "rescue_stale_heartbeats"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Slo
+    fn class(&self) -> Class {
+        Class::Slo
     }
 
     fn interval(&self) -> Duration {

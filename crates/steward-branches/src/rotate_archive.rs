@@ -8,7 +8,7 @@
 //! retention longer than the archive's) are created again by `cleanup` and dropped again here:
 //! keep `retention_days` above every cleanup retention.
 
-use crate::{check_interval, Branch, BranchContext, BranchError, InvalidConfig, LoopKind, Outcome};
+use crate::{check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
@@ -97,8 +97,8 @@ impl Branch for RotateArchive {
         "rotate_archive"
     }
 
-    fn loop_kind(&self) -> LoopKind {
-        LoopKind::Hygiene
+    fn class(&self) -> Class {
+        Class::Hygiene
     }
 
     fn interval(&self) -> Duration {

@@ -7,7 +7,7 @@ use steward_branches::rescue_expired_deadlines::{
     Config, RescueExpiredDeadlines, RetryConfig, RESCUE,
 };
 use steward_branches::rescue_stale_heartbeats::{self, RescueStaleHeartbeats};
-use steward_branches::{Branch, BranchError, LoopKind, Observation, RescueReason};
+use steward_branches::{Branch, BranchError, Class, Observation, RescueReason};
 use steward_queue::{NewJob, Queue, QueueError};
 use tokio_postgres::Client;
 
@@ -364,7 +364,7 @@ async fn explain(client: &Client, query: &str) -> String {
 #[test]
 fn an_slo_branch_with_a_quiet_period() {
     let rescue = branch(Config::default());
-    assert_eq!(rescue.loop_kind(), LoopKind::Slo);
+    assert_eq!(rescue.class(), Class::Slo);
     assert_eq!(rescue.interval(), Duration::from_secs(1));
     assert_eq!(rescue.quiet_period(), Some(Duration::from_secs(30)));
     let config: Config = toml::from_str("quiet_period = \"1m\"").unwrap();

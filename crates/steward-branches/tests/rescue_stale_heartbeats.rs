@@ -6,7 +6,7 @@ use steward_branches::promote_scheduled::{self, PromoteScheduled};
 use steward_branches::rescue_stale_heartbeats::{
     Config, RescueStaleHeartbeats, RetryConfig, RESCUE,
 };
-use steward_branches::{Branch, BranchError, LoopKind, Observation, RescueReason};
+use steward_branches::{Branch, BranchError, Class, Observation, RescueReason};
 use steward_queue::{NewJob, Queue, QueueError};
 use tokio_postgres::Client;
 
@@ -372,7 +372,7 @@ async fn explain(client: &Client, query: &str) -> String {
 #[test]
 fn an_slo_branch_whose_quiet_period_follows_the_staleness() {
     let rescue = branch(Config::default());
-    assert_eq!(rescue.loop_kind(), LoopKind::Slo);
+    assert_eq!(rescue.class(), Class::Slo);
     assert_eq!(rescue.interval(), Duration::from_secs(5));
     assert_eq!(rescue.quiet_period(), Some(Duration::from_secs(30)));
     let config: Config = toml::from_str("staleness = \"90s\"").unwrap();

@@ -1,17 +1,23 @@
 //! What this instance knows about its own state: leadership, loops, and per-branch health.
 //! It is an [`Observer`]; `/healthz` reads it, and the leader flushes it into `branch_health`
-//! for `steward status` on any host.
+//! for `steward status` on any host ([`writer`]).
+
+pub(crate) mod writer;
 
 use crate::observe::{BranchRun, LeadershipEvent, Observer};
 use crate::tracker::OverrunState;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
+use steward_branches::Class;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BranchHealth {
     pub branch: String,
-    pub loop_kind: String,
+    pub class: Class,
+    /// The loop that runs the branch (see [`crate::LoopPlan`]).
+    #[serde(rename = "loop")]
+    pub loop_name: String,
     pub epoch: i64,
     #[serde(with = "system_time_secs")]
     pub last_run_at: SystemTime,
@@ -108,7 +114,8 @@ impl Observer for HealthRegistry {
             .entry(run.branch)
             .or_insert_with(|| BranchHealth {
                 branch: run.branch.to_owned(),
-                loop_kind: run.loop_kind.as_str().to_owned(),
+                class: run.class,
+                loop_name: run.loop_name.to_owned(),
                 epoch: run.epoch,
                 last_run_at: run.started_at,
                 last_duration: run.duration,
@@ -124,6 +131,7 @@ impl Observer for HealthRegistry {
                 dirty: true,
             });
         entry.epoch = run.epoch;
+        entry.loop_name.replace_range(.., run.loop_name);
         entry.last_run_at = run.started_at;
         entry.last_duration = run.duration;
         entry.last_start_delay = run.start_delay;

@@ -2,43 +2,10 @@
 //! traces), the health registry behind `/healthz` and `steward status`, and tests implement
 //! [`Observer`]; the leader itself knows nothing of how reports are exported.
 
+use crate::settings::LoopMode;
 use crate::tracker::{OverrunState, Transition};
 use std::time::{Duration, SystemTime};
-use steward_branches::{LoopKind, Observation};
-
-/// How the branches are spread over tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoopMode {
-    /// SLO branches and hygiene on separate tasks and connections (the promoter on one of its
-    /// own, the rescues on another, hygiene on a third).
-    #[default]
-    Split,
-    /// Every branch on one task and connection, one `select!`.
-    Monolithic,
-}
-
-impl LoopMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoopMode::Split => "split",
-            LoopMode::Monolithic => "monolithic",
-        }
-    }
-}
-
-impl std::str::FromStr for LoopMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "split" => Ok(LoopMode::Split),
-            "monolithic" => Ok(LoopMode::Monolithic),
-            other => Err(format!(
-                "unknown loop mode {other:?}: use split or monolithic"
-            )),
-        }
-    }
-}
+use steward_branches::{Class, Observation};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunResult {
@@ -77,9 +44,8 @@ impl RunResult {
 #[derive(Debug, Clone)]
 pub struct BranchRun<'a> {
     pub branch: &'static str,
-    pub loop_kind: LoopKind,
-    /// The loop that ran the pass: "promote", "slo" or "hygiene" in split mode,
-    /// "monolithic" in monolithic mode.
+    pub class: Class,
+    /// The loop that ran the pass (see [`crate::LoopPlan`]).
     pub loop_name: &'static str,
     pub mode: LoopMode,
     pub epoch: i64,

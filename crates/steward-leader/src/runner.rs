@@ -1,13 +1,14 @@
 //! One maintenance loop: a task with its own work connection that runs a set of branches, each
-//! when it is due. Split mode runs two of these (SLO and hygiene), monolithic mode one with
-//! every branch; the branches cannot tell the difference.
+//! when it is due. A term runs one per loop of its [`crate::LoopPlan`]; the branches cannot
+//! tell which loop runs them.
 //!
 //! The loop waits (one `select!`) for the earliest due branch, a NOTIFY that makes a branch
 //! due at once, or the end of the term. It checks the term before every branch start, so once
 //! the term ends no further branch starts. A branch error or panic is logged, reported and
 //! retried on its next tick; it never stops the loop.
 
-use crate::observe::{BranchRun, LoopMode, Observer, RunResult};
+use crate::observe::{BranchRun, Observer, RunResult};
+use crate::settings::LoopMode;
 use crate::tracker::{OverrunTracker, Transition};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -15,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use steward_branches::{Branch, BranchContext, BranchError, Outcome};
-use steward_schema::SchemaName;
-use tokio::sync::mpsc::UnboundedReceiver;
+use steward_connection::{describe_pg_error, Notifications, Target};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -96,9 +96,8 @@ pub struct LoopTask {
     pub branches: Vec<Arc<dyn Branch>>,
     pub mode: LoopMode,
     pub epoch: i64,
-    pub db: tokio_postgres::Config,
-    pub tls: steward_schema::Tls,
-    pub schema: SchemaName,
+    /// Where the loop's work session goes (named after the loop).
+    pub target: Target,
     pub stop: StopSignal,
     pub observer: Arc<dyn Observer>,
     pub contact: ContactMonitor,
@@ -116,23 +115,46 @@ struct Slot {
 
 struct Connection {
     client: Client,
-    notifications: UnboundedReceiver<String>,
+    notifications: Notifications,
+}
+
+/// What the loop waited for.
+enum Waited {
+    /// A branch is due: run it.
+    Due { index: usize, due: Instant },
+    /// Nothing is due yet (a notification came in, or it is time to report being idle).
+    Again,
+    /// The work connection closed.
+    Lost,
+    /// The term is over.
+    Stopped,
+}
+
+/// One pass as the loop saw it.
+struct Pass {
+    started_at: SystemTime,
+    start_delay: Duration,
+    duration: Duration,
+    result: RunResult,
+    outcome: Outcome,
+    fate: ConnectionFate,
 }
 
 impl LoopTask {
+    /// Runs the loop's branches until the term ends: connect (again) when needed, wait for the
+    /// earliest due branch, run its pass, report it.
     pub async fn run(self) -> LoopExit {
         let start = Instant::now();
-        let phases = phases(&self.branches);
         let mut slots: Vec<Slot> = self
             .branches
             .iter()
-            .zip(phases)
+            .zip(phases(&self.branches))
             .map(|(branch, phase)| Slot {
                 branch: branch.clone(),
                 due: start + phase,
                 phase,
                 tracker: OverrunTracker::default(),
-                wake_channel: branch.wake_channel(&self.schema),
+                wake_channel: branch.wake_channel(self.target.schema()),
             })
             .collect();
         let mut connection: Option<Connection> = None;
@@ -169,147 +191,40 @@ impl LoopTask {
                 }
                 continue;
             };
-
-            let anchor = self.contact.anchor();
-            let Some((index, due)) = slots
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i, effective_due(s, anchor)))
-                .min_by_key(|(_, due)| *due)
-            else {
-                // No branches: just wait for the end of the term.
-                self.stop.stopped().await;
-                return LoopExit::Stopped;
-            };
-
-            if due > Instant::now() {
-                tokio::select! {
-                    biased;
-                    _ = self.stop.stopped() => return LoopExit::Stopped,
-                    notification = conn.notifications.recv() => {
-                        match notification {
-                            Some(channel) => wake(&mut slots, &channel),
-                            None => {
-                                tracing::warn!(loop_name = self.name, "work connection closed; reconnecting");
-                                connection = None;
-                                contact_lost = true;
-                            }
-                        }
-                        continue;
-                    }
-                    _ = tokio::time::sleep_until(due.min(Instant::now() + IDLE_PROGRESS).into()) => {}
-                }
-                // The term may have ended while we slept: no branch starts after that.
-                if self.stop.is_stopped() {
-                    return LoopExit::Stopped;
-                }
-                if Instant::now() < due {
-                    // Idle, not stuck: a loop whose branches all run rarely (hourly) must not
-                    // look stalled to /healthz between its passes.
-                    self.observer.loop_progress(self.name, self.epoch);
+            let (index, due) = match self.wait(&mut slots, conn).await {
+                Waited::Due { index, due } => (index, due),
+                Waited::Again => continue,
+                Waited::Lost => {
+                    tracing::warn!(
+                        loop_name = self.name,
+                        "work connection closed; reconnecting"
+                    );
+                    connection = None;
+                    contact_lost = true;
                     continue;
                 }
-            } else {
-                // Due already (a branch going again at once under load): no timer, whose tick
-                // rounding would add up to a millisecond to every back-to-back pass. What was
-                // notified meanwhile is taken in without waiting, so nothing piles up.
-                while let Ok(channel) = conn.notifications.try_recv() {
-                    wake(&mut slots, &channel);
-                }
-            }
-
-            let slot = &mut slots[index];
-            let started = Instant::now();
-            let started_at = SystemTime::now();
-            let start_delay = started.saturating_duration_since(due);
-            let branch = slot.branch.clone();
-            // One span per pass (exported over OTLP when configured).
-            let span = tracing::info_span!(
-                "maintenance_branch",
-                otel.name = branch.name(),
-                branch = branch.name(),
-                "loop" = branch.loop_kind().as_str(),
-                mode = self.mode.as_str(),
-                epoch = self.epoch,
-                rows = tracing::field::Empty,
-                outcome = tracing::field::Empty,
-            );
-            let result = {
-                let cancel_db = conn.client.cancel_token();
-                let mut ctx = BranchContext {
-                    client: &mut conn.client,
-                    epoch: self.epoch,
-                    timeouts: branch.timeouts(),
-                };
-                let pass =
-                    AssertUnwindSafe(branch.run(&mut ctx).instrument(span.clone())).catch_unwind();
-                tokio::pin!(pass);
-                tokio::select! {
-                    result = &mut pass => result,
-                    _ = self.stop.stopped() => {
-                        match tokio::time::timeout(self.stop.grace(), &mut pass).await {
-                            Ok(result) => result,
-                            Err(_) => {
-                                // Cancel the statement server-side; the fence keeps a late commit out anyway.
-                                let tls = self.tls.clone();
-                                tokio::spawn(async move { let _ = steward_schema::cancel_query(cancel_db, &tls).await; });
-                                tracing::info!(loop_name = self.name, branch = branch.name(), "cancelled the running statement: the term ended");
-                                return LoopExit::Stopped;
-                            }
-                        }
-                    }
-                }
+                Waited::Stopped => return LoopExit::Stopped,
             };
-            let duration = started.elapsed();
-
-            let (run_result, outcome, fate) = classify(result);
-            span.record("rows", outcome.rows);
-            span.record("outcome", run_result.outcome());
-            drop(span);
-            let transition = slot
-                .tracker
-                .observe(duration, start_delay, branch.interval());
-            self.log_pass(&*branch, &run_result, transition, duration, start_delay);
-            self.observer.branch_run(&BranchRun {
-                branch: branch.name(),
-                loop_kind: branch.loop_kind(),
-                loop_name: self.name,
-                mode: self.mode,
-                epoch: self.epoch,
-                interval: branch.interval(),
-                started_at,
-                start_delay,
-                duration,
-                rows: outcome.rows,
-                result: run_result.clone(),
-                observations: &outcome.observations,
-                overrun: slot.tracker.state(),
-                transition,
-                overrun_episodes: slot.tracker.episodes(),
-            });
-            self.observer.loop_progress(self.name, self.epoch);
+            let slot = &mut slots[index];
+            let Some(pass) = self.pass(slot, due, conn).await else {
+                return LoopExit::Stopped;
+            };
+            self.report(slot, &pass);
             if first_pass {
                 first_pass = false;
                 // Failover is measured from the old leader's death to this line on the new one.
                 tracing::info!(
                     loop_name = self.name,
-                    loop_kind = branch.loop_kind().as_str(),
-                    branch = branch.name(),
+                    class = slot.branch.class().as_str(),
+                    branch = slot.branch.name(),
                     epoch = self.epoch,
                     "first branch pass of the term"
                 );
             }
-
-            let interval = branch.interval();
-            let wait = outcome.run_again_in.map_or(interval, |d| d.min(interval));
-            // A branch cannot be due before its own pass has ended: one that asks to go again
-            // sooner than its pass lasts is due when the pass ends, so that its start delay
-            // measures waiting for the loop (a sibling), not its own previous pass.
-            slot.due = started + wait.max(duration);
-            if run_result == RunResult::Fenced {
+            if pass.result == RunResult::Fenced {
                 return LoopExit::Superseded;
             }
-            match fate {
+            match pass.fate {
                 ConnectionFate::Keep => {}
                 ConnectionFate::Replace => connection = None,
                 ConnectionFate::Lost => {
@@ -320,10 +235,154 @@ impl LoopTask {
         }
     }
 
+    /// Waits (one `select!`) for the earliest due branch, a NOTIFY that makes a branch due at
+    /// once, the end of the term, or, while idle, the next report of being alive.
+    async fn wait(&self, slots: &mut [Slot], conn: &mut Connection) -> Waited {
+        let anchor = self.contact.anchor();
+        let Some((index, due)) = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, effective_due(s, anchor)))
+            .min_by_key(|(_, due)| *due)
+        else {
+            // No branches: just wait for the end of the term.
+            self.stop.stopped().await;
+            return Waited::Stopped;
+        };
+        if due <= Instant::now() {
+            // Due already (a branch going again at once under load): no timer, whose tick
+            // rounding would add up to a millisecond to every back-to-back pass. What was
+            // notified meanwhile is taken in without waiting, so nothing piles up.
+            while let Ok(channel) = conn.notifications.try_recv() {
+                wake(slots, &channel);
+            }
+            return Waited::Due { index, due };
+        }
+        tokio::select! {
+            biased;
+            _ = self.stop.stopped() => return Waited::Stopped,
+            notification = conn.notifications.recv() => {
+                return match notification {
+                    Some(channel) => {
+                        wake(slots, &channel);
+                        Waited::Again
+                    }
+                    None => Waited::Lost,
+                };
+            }
+            _ = tokio::time::sleep_until(due.min(Instant::now() + IDLE_PROGRESS).into()) => {}
+        }
+        // The term may have ended while we slept: no branch starts after that.
+        if self.stop.is_stopped() {
+            return Waited::Stopped;
+        }
+        if Instant::now() < due {
+            // Idle, not stuck: a loop whose branches all run rarely (hourly) must not look
+            // stalled to /healthz between its passes.
+            self.observer.loop_progress(self.name, self.epoch);
+            return Waited::Again;
+        }
+        Waited::Due { index, due }
+    }
+
+    /// Runs one pass of `slot`'s branch, which was due at `due`, and schedules its next.
+    /// `None` when the term ended and the pass did not finish within the grace period (its
+    /// statement is then cancelled).
+    async fn pass(&self, slot: &mut Slot, due: Instant, conn: &mut Connection) -> Option<Pass> {
+        let started = Instant::now();
+        let started_at = SystemTime::now();
+        let start_delay = started.saturating_duration_since(due);
+        let branch = slot.branch.clone();
+        // One span per pass (exported over OTLP when configured).
+        let span = tracing::info_span!(
+            "maintenance_branch",
+            otel.name = branch.name(),
+            branch = branch.name(),
+            class = branch.class().as_str(),
+            "loop" = self.name,
+            mode = self.mode.as_str(),
+            epoch = self.epoch,
+            rows = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let cancel_db = conn.client.cancel_token();
+        let mut ctx = BranchContext {
+            client: &mut conn.client,
+            epoch: self.epoch,
+            timeouts: branch.timeouts(),
+        };
+        let pass = AssertUnwindSafe(branch.run(&mut ctx).instrument(span.clone())).catch_unwind();
+        tokio::pin!(pass);
+        let result = tokio::select! {
+            result = &mut pass => result,
+            _ = self.stop.stopped() => match tokio::time::timeout(self.stop.grace(), &mut pass).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // Cancel the statement server-side; the fence keeps a late commit out anyway.
+                    let target = self.target.clone();
+                    tokio::spawn(async move { let _ = target.cancel(&cancel_db).await; });
+                    tracing::info!(loop_name = self.name, branch = branch.name(), "cancelled the running statement: the term ended");
+                    return None;
+                }
+            },
+        };
+        let duration = started.elapsed();
+        let (result, outcome, fate) = classify(result);
+        span.record("rows", outcome.rows);
+        span.record("outcome", result.outcome());
+
+        let interval = branch.interval();
+        let wait = outcome.run_again_in.map_or(interval, |d| d.min(interval));
+        // A branch cannot be due before its own pass has ended: one that asks to go again
+        // sooner than its pass lasts is due when the pass ends, so that its start delay
+        // measures waiting for the loop (a sibling), not its own previous pass.
+        slot.due = started + wait.max(duration);
+        Some(Pass {
+            started_at,
+            start_delay,
+            duration,
+            result,
+            outcome,
+            fate,
+        })
+    }
+
+    /// Tracks the pass against its interval, logs what needs an operator's eye, and tells the
+    /// observers.
+    fn report(&self, slot: &mut Slot, pass: &Pass) {
+        let branch = &*slot.branch;
+        let transition = slot
+            .tracker
+            .observe(pass.duration, pass.start_delay, branch.interval());
+        self.log_pass(
+            branch,
+            &pass.result,
+            transition,
+            pass.duration,
+            pass.start_delay,
+        );
+        self.observer.branch_run(&BranchRun {
+            branch: branch.name(),
+            class: branch.class(),
+            loop_name: self.name,
+            mode: self.mode,
+            epoch: self.epoch,
+            interval: branch.interval(),
+            started_at: pass.started_at,
+            start_delay: pass.start_delay,
+            duration: pass.duration,
+            rows: pass.outcome.rows,
+            result: pass.result.clone(),
+            observations: &pass.outcome.observations,
+            overrun: slot.tracker.state(),
+            transition,
+            overrun_episodes: slot.tracker.episodes(),
+        });
+        self.observer.loop_progress(self.name, self.epoch);
+    }
+
     async fn connect(&self, slots: &[Slot]) -> Result<Connection, String> {
-        let (client, notifications) = steward_schema::connect_listening_with(&self.db, &self.tls)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (client, notifications) = self.target.listen().await.map_err(|e| e.to_string())?;
         let mut channels: Vec<&str> = slots
             .iter()
             .filter_map(|s| s.wake_channel.as_deref())
@@ -335,7 +394,7 @@ impl LoopTask {
             client
                 .batch_execute(&format!("LISTEN {channel}"))
                 .await
-                .map_err(|e| steward_schema::describe_pg_error(&e))?;
+                .map_err(|e| describe_pg_error(&e))?;
         }
         Ok(Connection {
             client,
@@ -484,7 +543,7 @@ fn classify(result: PassResult) -> (RunResult, Outcome, ConnectionFate) {
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use steward_branches::LoopKind;
+    use steward_branches::Class;
 
     struct Periodic {
         interval: Duration,
@@ -496,8 +555,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "periodic"
         }
-        fn loop_kind(&self) -> LoopKind {
-            LoopKind::Slo
+        fn class(&self) -> Class {
+            Class::Slo
         }
         fn interval(&self) -> Duration {
             self.interval

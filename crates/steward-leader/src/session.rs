@@ -7,8 +7,13 @@
 //! term's start and end.
 
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use steward_connection::{describe_pg_error, ConnectError, Ended, SchemaName, Target};
 use tokio_postgres::Client;
+
+/// The name of a schema's leadership lock; its advisory lock key is `hashtextextended` of it.
+pub fn lock_name(schema: &SchemaName) -> String {
+    format!("steward.leader.{schema}")
+}
 
 /// Blocks until this session holds the leadership lock of a schema (a waiter is woken within
 /// milliseconds of the holder's session ending).
@@ -49,15 +54,12 @@ UPDATE leader SET resigned_at = now(), promote_wakeup_at = NULL WHERE id = 1 AND
 
 pub struct LeaderSession {
     client: Client,
-    ended: watch::Receiver<bool>,
+    ended: Ended,
 }
 
 impl LeaderSession {
-    pub async fn open(
-        config: &tokio_postgres::Config,
-        tls: &steward_schema::Tls,
-    ) -> Result<Self, steward_schema::ConnectError> {
-        let (client, ended) = steward_schema::connect_watched(config, tls).await?;
+    pub async fn open(target: &Target) -> Result<Self, ConnectError> {
+        let (client, ended) = target.connect_watched().await?;
         Ok(Self { client, ended })
     }
 
@@ -67,9 +69,7 @@ impl LeaderSession {
 
     /// Resolves as soon as the connection is gone (its driver future ended).
     pub async fn ended(&self) {
-        let mut ended = self.ended.clone();
-        // An error means the sender is gone, which also means the connection ended.
-        let _ = ended.wait_for(|done| *done).await;
+        self.ended.wait().await
     }
 
     pub async fn acquire(&self, lock_name: &str) -> Result<(), tokio_postgres::Error> {
@@ -111,7 +111,7 @@ impl LeaderSession {
         match tokio::time::timeout(timeout, work).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not record the end of the term; closing the session releases the lock")
+                tracing::warn!(error = %describe_pg_error(&error), "could not record the end of the term; closing the session releases the lock")
             }
             Err(_) => tracing::warn!(
                 "recording the end of the term timed out; closing the session releases the lock"
@@ -137,8 +137,7 @@ WHERE application_name LIKE $1 AND pid <> pg_backend_pid()";
 /// Standby side: while waiting for the lock, take over from a leader that holds it but has made
 /// no progress for `wedge_timeout` (runtime stuck, process paused) by ending its sessions.
 pub async fn watch_for_wedged_leader(
-    config: tokio_postgres::Config,
-    tls: steward_schema::Tls,
+    target: Target,
     own_instance: String,
     wedge_timeout: Duration,
     check_every: Duration,
@@ -153,13 +152,13 @@ pub async fn watch_for_wedged_leader(
             _ = tick.tick() => {}
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = steward_schema::connect_with(&config, &tls).await.ok();
+            client = target.connect().await.ok();
         }
         let Some(c) = client.as_ref() else { continue };
         let row = match c.query_opt(LEADER_PROGRESS, &[]).await {
             Ok(row) => row,
             Err(error) => {
-                tracing::debug!(error = %steward_schema::describe_pg_error(&error), "wedge check failed");
+                tracing::debug!(error = %describe_pg_error(&error), "wedge check failed");
                 continue;
             }
         };
@@ -177,7 +176,7 @@ pub async fn watch_for_wedged_leader(
                 tracing::warn!(epoch, %instance, sessions = row.get::<_, i64>(0), "ended the wedged leader's sessions")
             }
             Err(error) => {
-                tracing::error!(error = %steward_schema::describe_pg_error(&error), %instance, "could not end the wedged leader's sessions")
+                tracing::error!(error = %describe_pg_error(&error), %instance, "could not end the wedged leader's sessions")
             }
         }
     }

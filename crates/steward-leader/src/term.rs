@@ -1,15 +1,17 @@
 //! One leadership term: start the loops, watch the leader connection, restart a loop that
 //! dies, flush health, and stop everything when the term ends.
 
+use crate::health::writer::health_writer;
 use crate::health::HealthRegistry;
-use crate::observe::LoopMode;
+use crate::instance::Instance;
+use crate::observe::Observer;
+use crate::plan::{LoopPlan, PlannedLoop};
 use crate::runner::{ContactMonitor, LoopExit, LoopSettings, LoopTask, StopSignal};
 use crate::session::LeaderSession;
-use crate::Candidate;
+use crate::settings::LeaderSettings;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use steward_branches::Branch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -21,85 +23,38 @@ pub enum TermEnd {
     Lost(String),
 }
 
-/// Upserts per-branch health from a batch of parallel arrays; a writer of an older term never
-/// overwrites a newer term's rows. Primary key of branch_health.
-pub const UPSERT_BRANCH_HEALTH: &str = "
-INSERT INTO branch_health (branch, loop_name, epoch, last_run_at, last_duration_ms, last_start_delay_ms,
-    last_rows, last_success_at, last_error, last_error_at, overrun_state, overrun_episodes, runs, errors, updated_at)
-SELECT b, l, $3, to_timestamp(r), d, s, n, to_timestamp(ok), e, to_timestamp(ea), o, ep, runs, errs, now()
-FROM unnest($1::text[], $2::text[], $4::float8[], $5::float8[], $6::float8[], $7::int8[], $8::float8[],
-            $9::text[], $10::float8[], $11::text[], $12::int8[], $13::int8[], $14::int8[])
-     AS u(b, l, r, d, s, n, ok, e, ea, o, ep, runs, errs)
-ON CONFLICT (branch) DO UPDATE SET
-    loop_name = excluded.loop_name, epoch = excluded.epoch, last_run_at = excluded.last_run_at,
-    last_duration_ms = excluded.last_duration_ms, last_start_delay_ms = excluded.last_start_delay_ms,
-    last_rows = excluded.last_rows,
-    last_success_at = coalesce(excluded.last_success_at, branch_health.last_success_at),
-    last_error = coalesce(excluded.last_error, branch_health.last_error),
-    last_error_at = coalesce(excluded.last_error_at, branch_health.last_error_at),
-    overrun_state = excluded.overrun_state, overrun_episodes = excluded.overrun_episodes,
-    runs = excluded.runs, errors = excluded.errors, updated_at = now()
-WHERE branch_health.epoch <= excluded.epoch";
-
-/// The leader's progress mark, which standbys watch. Zero rows: a newer term has started.
-/// Primary key of the one-row leader table; `FOR NO KEY UPDATE`, so it never waits for fences.
-pub const MARK_PROGRESS: &str = "
-UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = $1";
-
-struct LoopPlan {
-    name: &'static str,
-    branches: Vec<Arc<dyn Branch>>,
+/// What a term needs from its candidate.
+pub(crate) struct Term<'a> {
+    pub epoch: i64,
+    pub plan: &'a LoopPlan,
+    pub settings: &'a LeaderSettings,
+    pub instance: &'a Instance,
+    pub session: &'a LeaderSession,
+    pub observer: Arc<dyn Observer>,
+    pub health: HealthRegistry,
 }
 
-/// Split mode: one loop per loop kind, and one for each branch that asks for its own
-/// ([`Branch::own_loop`]); loops left without branches are not started. Monolithic mode: one
-/// loop with every branch.
-fn plan_loops(mode: LoopMode, branches: &[Arc<dyn Branch>]) -> Vec<LoopPlan> {
-    match mode {
-        LoopMode::Split => {
-            let mut plans: Vec<LoopPlan> = Vec::new();
-            for branch in branches {
-                let name = branch
-                    .own_loop()
-                    .unwrap_or_else(|| branch.loop_kind().as_str());
-                match plans.iter_mut().find(|p| p.name == name) {
-                    Some(plan) => plan.branches.push(branch.clone()),
-                    None => plans.push(LoopPlan {
-                        name,
-                        branches: vec![branch.clone()],
-                    }),
-                }
-            }
-            plans
-        }
-        LoopMode::Monolithic => vec![LoopPlan {
-            name: "monolithic",
-            branches: branches.to_vec(),
-        }],
-    }
-}
-
-pub async fn run_term(
-    candidate: &Candidate,
-    session: &LeaderSession,
-    epoch: i64,
-    shutdown: &CancellationToken,
-) -> TermEnd {
-    let settings = &candidate.settings;
+pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> TermEnd {
+    let Term {
+        epoch,
+        plan,
+        settings,
+        instance,
+        session,
+        observer,
+        health,
+    } = term;
     let stop = StopSignal::default();
     let contact = ContactMonitor::new();
-    let plans = plan_loops(settings.loop_mode, &candidate.branches);
-    let spawn_loop = |tasks: &mut JoinSet<LoopExit>, plan: &LoopPlan, delay: Duration| {
+    let spawn_loop = |tasks: &mut JoinSet<LoopExit>, planned: &PlannedLoop, delay: Duration| {
         let task = LoopTask {
-            name: plan.name,
-            branches: plan.branches.clone(),
-            mode: settings.loop_mode,
+            name: planned.name,
+            branches: planned.branches.clone(),
+            mode: plan.mode(),
             epoch,
-            db: candidate.work_config(plan.name),
-            tls: candidate.tls.clone(),
-            schema: candidate.schema.clone(),
+            target: instance.work_session(planned.name),
             stop: stop.clone(),
-            observer: candidate.observer(),
+            observer: observer.clone(),
             contact: contact.clone(),
             settings: LoopSettings {
                 reconnect_min: settings.reconnect_min,
@@ -117,15 +72,14 @@ pub async fn run_term(
     };
     let mut tasks = JoinSet::new();
     let mut task_plan: HashMap<tokio::task::Id, usize> = HashMap::new();
-    for (i, plan) in plans.iter().enumerate() {
-        task_plan.insert(spawn_loop(&mut tasks, plan, Duration::ZERO), i);
+    for (i, planned) in plan.loops().iter().enumerate() {
+        task_plan.insert(spawn_loop(&mut tasks, planned, Duration::ZERO), i);
     }
     let writer_stop = CancellationToken::new();
     let mut writer = tokio::spawn(health_writer(
-        candidate.work_config("health"),
-        candidate.tls.clone(),
+        instance.work_session("health"),
         epoch,
-        candidate.health.clone(),
+        health,
         settings.progress_interval,
         writer_stop.clone(),
     ));
@@ -170,10 +124,10 @@ pub async fn run_term(
                     Err(e) => (e.id(), if e.is_panic() { "the loop task panicked".to_owned() } else { e.to_string() }),
                 };
                 let Some(index) = task_plan.remove(&id) else { continue };
-                let plan = &plans[index];
-                tracing::error!(loop_name = plan.name, %reason, "maintenance loop died; restarting it");
-                candidate.observer().loop_restarted(plan.name, &reason);
-                task_plan.insert(spawn_loop(&mut tasks, plan, settings.reconnect_min), index);
+                let planned = &plan.loops()[index];
+                tracing::error!(loop_name = planned.name, %reason, "maintenance loop died; restarting it");
+                observer.loop_restarted(planned.name, &reason);
+                task_plan.insert(spawn_loop(&mut tasks, planned, settings.reconnect_min), index);
             }
         }
     };
@@ -199,108 +153,4 @@ fn stop_bound(end: &TermEnd, grace: Duration) -> Duration {
         TermEnd::SteppedDown => grace + Duration::from_secs(1),
         TermEnd::Lost(_) => Duration::from_secs(1),
     }
-}
-
-/// Marks progress for standbys and flushes branch health, every `every`, on its own
-/// connection. Returns when the progress mark shows that a newer term has started.
-async fn health_writer(
-    config: tokio_postgres::Config,
-    tls: steward_schema::Tls,
-    epoch: i64,
-    health: HealthRegistry,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match steward_schema::connect_with(&config, &tls).await {
-                Ok(c) => Some(c),
-                Err(error) => {
-                    tracing::warn!(%error, "health writer cannot reach the database");
-                    continue;
-                }
-            };
-        }
-        let Some(c) = client.as_ref() else { continue };
-        match c.execute(MARK_PROGRESS, &[&epoch]).await {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not mark leader progress");
-                continue;
-            }
-        }
-        let dirty = health.take_dirty();
-        if dirty.is_empty() {
-            continue;
-        }
-        if let Err(error) = write_health(c, epoch, &dirty).await {
-            tracing::warn!(error = %steward_schema::describe_pg_error(&error), "could not write branch health");
-        }
-    }
-}
-
-async fn write_health(
-    client: &tokio_postgres::Client,
-    epoch: i64,
-    rows: &[crate::health::BranchHealth],
-) -> Result<u64, tokio_postgres::Error> {
-    let secs = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .ok()
-    };
-    let branch: Vec<&str> = rows.iter().map(|r| r.branch.as_str()).collect();
-    let loop_name: Vec<&str> = rows.iter().map(|r| r.loop_kind.as_str()).collect();
-    let run_at: Vec<Option<f64>> = rows.iter().map(|r| secs(r.last_run_at)).collect();
-    let duration_ms: Vec<f64> = rows
-        .iter()
-        .map(|r| r.last_duration.as_secs_f64() * 1000.0)
-        .collect();
-    let delay_ms: Vec<f64> = rows
-        .iter()
-        .map(|r| r.last_start_delay.as_secs_f64() * 1000.0)
-        .collect();
-    let row_count: Vec<i64> = rows.iter().map(|r| r.last_rows as i64).collect();
-    let success: Vec<Option<f64>> = rows
-        .iter()
-        .map(|r| r.last_success_at.and_then(secs))
-        .collect();
-    let error: Vec<Option<&str>> = rows.iter().map(|r| r.last_error.as_deref()).collect();
-    let error_at: Vec<Option<f64>> = rows
-        .iter()
-        .map(|r| r.last_error_at.and_then(secs))
-        .collect();
-    let overrun: Vec<&str> = rows.iter().map(|r| r.overrun.as_str()).collect();
-    let episodes: Vec<i64> = rows.iter().map(|r| r.overrun_episodes as i64).collect();
-    let runs: Vec<i64> = rows.iter().map(|r| r.runs as i64).collect();
-    let errors: Vec<i64> = rows.iter().map(|r| r.errors as i64).collect();
-    client
-        .execute(
-            UPSERT_BRANCH_HEALTH,
-            &[
-                &branch,
-                &loop_name,
-                &epoch,
-                &run_at,
-                &duration_ms,
-                &delay_ms,
-                &row_count,
-                &success,
-                &error,
-                &error_at,
-                &overrun,
-                &episodes,
-                &runs,
-                &errors,
-            ],
-        )
-        .await
 }

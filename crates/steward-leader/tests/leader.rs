@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use steward_branches::{Branch, BranchContext, BranchError, LoopKind, Outcome};
+use steward_branches::{Branch, BranchContext, BranchError, Class, Outcome};
 use steward_leader::{
     BranchRun, Candidate, LeaderSettings, LeadershipEvent, LoopMode, Observer, RunResult,
 };
@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 /// A branch that holds a fenced transaction open for `hold` (pg_sleep), or panics.
 struct TestBranch {
     name: &'static str,
-    kind: LoopKind,
+    class: Class,
     interval: Duration,
     hold: Duration,
     panics: bool,
-    own_loop: Option<&'static str>,
+    own_loop: bool,
 }
 
 #[async_trait]
@@ -25,13 +25,13 @@ impl Branch for TestBranch {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn loop_kind(&self) -> LoopKind {
-        self.kind
+    fn class(&self) -> Class {
+        self.class
     }
     fn interval(&self) -> Duration {
         self.interval
     }
-    fn own_loop(&self) -> Option<&'static str> {
+    fn needs_own_loop(&self) -> bool {
         self.own_loop
     }
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
@@ -52,22 +52,22 @@ impl Branch for TestBranch {
 fn slo(interval_ms: u64) -> Arc<dyn Branch> {
     Arc::new(TestBranch {
         name: "test_slo",
-        kind: LoopKind::Slo,
+        class: Class::Slo,
         interval: Duration::from_millis(interval_ms),
         hold: Duration::ZERO,
         panics: false,
-        own_loop: None,
+        own_loop: false,
     })
 }
 
 fn hygiene(interval_ms: u64, hold_ms: u64) -> Arc<dyn Branch> {
     Arc::new(TestBranch {
         name: "test_hygiene",
-        kind: LoopKind::Hygiene,
+        class: Class::Hygiene,
         interval: Duration::from_millis(interval_ms),
         hold: Duration::from_millis(hold_ms),
         panics: false,
-        own_loop: None,
+        own_loop: false,
     })
 }
 
@@ -159,7 +159,8 @@ struct Running {
 fn start(db: &TestDb, settings: LeaderSettings, branches: Vec<Arc<dyn Branch>>) -> Running {
     let recorder = Arc::new(Recorder::default());
     let candidate = Arc::new(
-        Candidate::new(db.url(), db.schema().clone(), settings, branches)
+        Candidate::new(db.target().clone(), settings, branches)
+            .expect("valid settings")
             .with_observer(recorder.clone()),
     );
     let shutdown = CancellationToken::new();
@@ -313,16 +314,16 @@ fn slo_runs_during_hygiene(runs: &[Run]) -> usize {
 /// mode: its long passes do not hold back the SLO branches of the shared loop. In monolithic
 /// mode it shares the one loop like every other branch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_branch_with_its_own_loop_does_not_hold_back_its_loop_kind_siblings() {
+async fn a_branch_with_its_own_loop_does_not_hold_back_its_class_siblings() {
     let busy = || -> Arc<dyn Branch> {
         Arc::new(TestBranch {
             name: "test_busy",
-            kind: LoopKind::Slo,
+            class: Class::Slo,
             // 900 ms stays inside the 1 s statement timeout derived from the 100 ms interval.
             interval: Duration::from_millis(100),
             hold: Duration::from_millis(900),
             panics: false,
-            own_loop: Some("test_own"),
+            own_loop: true,
         })
     };
     let db = TestDb::new().await;
@@ -353,7 +354,7 @@ async fn a_branch_with_its_own_loop_does_not_hold_back_its_loop_kind_siblings() 
         let during = runs_during(&runs, "test_slo", "test_busy");
         match mode {
             LoopMode::Split => {
-                assert_eq!(loops("test_busy"), ["test_own"]);
+                assert_eq!(loops("test_busy"), ["test_busy"]);
                 assert_eq!(loops("test_slo"), ["slo"]);
                 assert!(during >= 10, "SLO passes during the busy passes: {during}");
             }
@@ -439,11 +440,11 @@ async fn a_panicking_branch_is_retried_and_never_stops_its_loop() {
     let db = TestDb::new().await;
     let panicking: Arc<dyn Branch> = Arc::new(TestBranch {
         name: "test_panic",
-        kind: LoopKind::Slo,
+        class: Class::Slo,
         interval: Duration::from_millis(30),
         hold: Duration::ZERO,
         panics: true,
-        own_loop: None,
+        own_loop: false,
     });
     let leader = start(
         &db,
@@ -489,13 +490,9 @@ fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
     // stay open (alive at the TCP level) but it makes no progress at all.
     let recorder_a = Arc::new(Recorder::default());
     let candidate_a = Arc::new(
-        Candidate::new(
-            db.url(),
-            db.schema().clone(),
-            settings.clone(),
-            vec![slo(20)],
-        )
-        .with_observer(recorder_a.clone()),
+        Candidate::new(db.target().clone(), settings.clone(), vec![slo(20)])
+            .expect("valid settings")
+            .with_observer(recorder_a.clone()),
     );
     let (wedge_tx, wedge_rx) = std::sync::mpsc::channel::<Duration>();
     let leader_thread = std::thread::spawn({
@@ -717,11 +714,11 @@ async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
     // rescue's quiet period (1 s) must not start again at every panic (every 50 ms here).
     let panicking: Arc<dyn Branch> = Arc::new(TestBranch {
         name: "test_panic",
-        kind: LoopKind::Hygiene,
+        class: Class::Hygiene,
         interval: Duration::from_millis(50),
         hold: Duration::ZERO,
         panics: true,
-        own_loop: None,
+        own_loop: false,
     });
     let rescue = RescueStaleHeartbeats::new(Config {
         interval: Duration::from_millis(50),

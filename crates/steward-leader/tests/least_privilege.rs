@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use steward_branches::cron_sync::ScheduleConfig;
 use steward_branches::{BranchesConfig, RetryConfig};
+use steward_connection::Target;
 use steward_leader::{BranchRun, Candidate, LeaderSettings, LeadershipEvent, Observer, RunResult};
 use steward_testkit::TestDb;
 use tokio_postgres::error::SqlState;
@@ -301,6 +302,7 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
         .unwrap();
     admin.batch_execute(SEED).await.unwrap();
     let role_url = url_as(&db.url(), &role);
+    let role_target = Target::new(&role_url, db.schema().clone()).unwrap();
 
     let config = branches();
     let built = config.build();
@@ -314,7 +316,8 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
         ..LeaderSettings::default()
     };
     let candidate = Arc::new(
-        Candidate::new(role_url.clone(), db.schema().clone(), settings, built)
+        Candidate::new(role_target.clone(), settings, built)
+            .expect("valid settings")
             .with_observer(recorder.clone()),
     );
     let shutdown = CancellationToken::new();
@@ -416,8 +419,11 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
     assert_eq!(ended.as_deref(), Some("stepped_down"));
 
     // Nothing outside what the branches need.
-    let config = steward_schema::pg_config(&role_url, db.schema(), "steward-lp-check").unwrap();
-    let client = steward_schema::connect(&config).await.unwrap();
+    let client = role_target
+        .named("steward-lp-check")
+        .connect()
+        .await
+        .unwrap();
     let user: String = client
         .query_one("SELECT current_user::text", &[])
         .await
@@ -454,9 +460,11 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
     assert_eq!(intact, 2);
 
     // The wedge takeover: a session of the role ends another session of the role.
-    let mut victim_config = config.clone();
-    victim_config.application_name("steward:lpvictim:leader");
-    let victim = steward_schema::connect(&victim_config).await.unwrap();
+    let victim = role_target
+        .named("steward:lpvictim:leader")
+        .connect()
+        .await
+        .unwrap();
     victim.simple_query("SELECT 1").await.unwrap();
     let ended: i64 = client
         .query_one(TERMINATE_INSTANCE, &[&"steward:lpvictim:%"])

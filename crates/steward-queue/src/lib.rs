@@ -13,7 +13,7 @@ pub use job::{ClaimedJob, Job, JobState, Lease, NewJob, ParseStateError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::time::Duration;
-use steward_schema::SchemaName;
+use steward_connection::SchemaName;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ pub enum Resolution {
 }
 
 /// The queue, over a pool whose connections are pinned to the Steward schema
-/// (see [`steward_schema::pg_config`]).
+/// (see [`steward_connection::Target::pool`]).
 #[derive(Clone)]
 pub struct Queue {
     pool: Pool,

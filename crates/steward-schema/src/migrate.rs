@@ -1,4 +1,4 @@
-use crate::SchemaName;
+use steward_connection::SchemaName;
 use tokio_postgres::Client;
 
 mod embedded {
@@ -26,7 +26,7 @@ pub enum SchemaError {
     },
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
-    #[error("database error: {}", crate::describe_pg_error(.0))]
+    #[error("database error: {}", steward_connection::describe_pg_error(.0))]
     Db(tokio_postgres::Error),
 }
 

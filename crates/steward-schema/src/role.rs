@@ -1,4 +1,4 @@
-use crate::SchemaName;
+use steward_connection::SchemaName;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 

@@ -1,4 +1,5 @@
-use steward_schema::{check_schema, latest_version, migrate, SchemaError, SchemaName};
+use steward_connection::{SchemaName, Target};
+use steward_schema::{check_schema, latest_version, migrate, SchemaError};
 use steward_testkit::TestDb;
 
 #[tokio::test]
@@ -60,8 +61,11 @@ async fn missing_or_old_schema_names_steward_migrate() {
 async fn schema_name_is_configurable_and_isolated() {
     let db = TestDb::empty().await;
     let other = SchemaName::new("queue_two").unwrap();
-    let config = steward_schema::pg_config(&db.url(), &other, "test").unwrap();
-    let mut client = steward_schema::connect(&config).await.unwrap();
+    let mut client = Target::new(&db.url(), other.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     migrate(&mut client, &other).await.unwrap();
     let tables: i64 = client
         .query_one(

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use steward_connection::Target;
 use steward_leader::HealthRegistry;
 use tokio::sync::Mutex;
 
@@ -19,9 +20,8 @@ pub struct HttpState {
     pub instance: String,
     /// `/healthz` fails when a loop of the current term finished no iteration for this long.
     pub loop_stall_limit: Duration,
-    /// Connection settings for `/readyz`'s probe.
-    pub db: tokio_postgres::Config,
-    pub tls: steward_schema::Tls,
+    /// Where `/readyz`'s probe connects.
+    pub target: Target,
     probe_client: Arc<Mutex<Option<tokio_postgres::Client>>>,
 }
 
@@ -31,16 +31,14 @@ impl HttpState {
         health: HealthRegistry,
         instance: String,
         loop_stall_limit: Duration,
-        db: tokio_postgres::Config,
-        tls: steward_schema::Tls,
+        target: Target,
     ) -> Self {
         Self {
             prometheus,
             health,
             instance,
             loop_stall_limit,
-            db,
-            tls,
+            target: target.named("steward:readyz"),
             probe_client: Arc::new(Mutex::new(None)),
         }
     }
@@ -101,12 +99,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 async fn readyz(State(state): State<HttpState>) -> Response {
     let mut client = state.probe_client.lock().await;
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = match tokio::time::timeout(
-            Duration::from_secs(2),
-            steward_schema::connect_with(&state.db, &state.tls),
-        )
-        .await
-        {
+        *client = match tokio::time::timeout(Duration::from_secs(2), state.target.connect()).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => return unready(e.to_string()),
             Err(_) => return unready("connecting timed out after 2s".into()),
@@ -157,8 +150,7 @@ mod tests {
             health,
             "host-1-00aa".into(),
             loop_stall_limit,
-            tokio_postgres::Config::new(),
-            steward_schema::Tls::none(),
+            Target::new("postgres://localhost/unused", Default::default()).unwrap(),
         )
     }
 

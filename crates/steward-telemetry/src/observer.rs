@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::SystemTime;
-use steward_branches::{LoopKind, Observation, RescueReason};
-use steward_leader::{BranchRun, LeadershipEvent, Observer, OverrunState, Transition};
+use steward_branches::{Observation, RescueReason};
+use steward_leader::{BranchRun, LeadershipEvent, LoopPlan, Observer, OverrunState, Transition};
 
 struct Cache<K, V>(Mutex<HashMap<K, V>>);
 
@@ -90,8 +90,9 @@ impl MetricsObserver {
     }
 
     /// Creates the series an operator expects to see before anything happened (leader state,
-    /// per-branch counters at zero), so dashboards and `absent()`-style alerts have data.
-    pub fn register_initial(&self, branches: &[(&'static str, LoopKind, std::time::Duration)]) {
+    /// per-branch counters at zero, every loop of `plan`), so dashboards and `absent()`-style
+    /// alerts have data.
+    pub fn register_initial(&self, plan: &LoopPlan) {
         self.gauge(LEADER, &self.leader_labels()).set(0.0);
         self.gauge(LEADER_EPOCH, &self.leader_labels()).set(0.0);
         for event in ["acquired", "lost", "stepped_down"] {
@@ -106,35 +107,42 @@ impl MetricsObserver {
             self.counter(RESCUED_JOBS, &[("reason", reason.as_str().into())])
                 .increment(0);
         }
-        for loop_name in ["promote", "slo", "hygiene", "monolithic"] {
-            self.counter(LOOP_RESTARTS, &[("loop", loop_name.into())])
+        for planned in plan.loops() {
+            self.counter(LOOP_RESTARTS, &[("loop", planned.name.into())])
                 .increment(0);
         }
-        for (branch, kind, interval) in branches {
-            let (b, l) = (branch.to_string(), kind.as_str().to_string());
-            self.counter(
-                BRANCH_OVERRUN,
-                &[("branch", b.clone()), ("loop", l.clone())],
-            )
-            .increment(0);
-            self.gauge(
-                BRANCH_DELAYED,
-                &[("branch", b.clone()), ("loop", l.clone())],
-            )
-            .set(0.0);
+        for (loop_name, branch) in plan.branches() {
+            let labels = branch_labels(branch.name(), branch.class().as_str(), loop_name);
+            self.counter(BRANCH_OVERRUN, &labels).increment(0);
+            self.gauge(BRANCH_DELAYED, &labels).set(0.0);
             for outcome in ["ok", "error", "timeout"] {
-                self.counter(
-                    BRANCH_RUNS,
-                    &[("branch", b.clone()), ("outcome", outcome.into())],
-                )
-                .increment(0);
+                self.counter(BRANCH_RUNS, &with(&labels, ("outcome", outcome.into())))
+                    .increment(0);
             }
-            self.counter(BRANCH_ROWS, &[("branch", b.clone())])
-                .increment(0);
-            self.gauge(BRANCH_INTERVAL, &[("branch", b), ("loop", l)])
-                .set(interval.as_secs_f64());
+            self.counter(BRANCH_ROWS, &labels).increment(0);
+            self.counter(BRANCH_SKIPPED, &labels).increment(0);
+            self.gauge(BRANCH_INTERVAL, &labels)
+                .set(branch.interval().as_secs_f64());
         }
     }
+}
+
+/// The labels of every per-branch series: the branch, its class and the loop that runs it.
+fn branch_labels(branch: &str, class: &str, loop_name: &str) -> [(&'static str, String); 3] {
+    [
+        ("branch", branch.to_owned()),
+        ("class", class.to_owned()),
+        ("loop", loop_name.to_owned()),
+    ]
+}
+
+fn with(
+    labels: &[(&'static str, String)],
+    extra: (&'static str, String),
+) -> Vec<(&'static str, String)> {
+    let mut all = labels.to_vec();
+    all.push(extra);
+    all
 }
 
 fn unix_now() -> f64 {
@@ -146,23 +154,14 @@ fn unix_now() -> f64 {
 
 impl Observer for MetricsObserver {
     fn branch_run(&self, run: &BranchRun<'_>) {
-        let branch = run.branch.to_string();
-        let loop_kind = run.loop_kind.as_str().to_string();
-        let with_mode = [
-            ("branch", branch.clone()),
-            ("loop", loop_kind.clone()),
-            ("mode", run.mode.as_str().to_string()),
-        ];
+        let labels = branch_labels(run.branch, run.class.as_str(), run.loop_name);
+        let with_mode = with(&labels, ("mode", run.mode.as_str().to_owned()));
         self.histogram(BRANCH_DURATION, &with_mode)
             .record(run.duration.as_secs_f64());
         self.histogram(BRANCH_START_DELAY, &with_mode)
             .record(run.start_delay.as_secs_f64());
         if run.transition == Transition::BecameDelayed {
-            self.counter(
-                BRANCH_OVERRUN,
-                &[("branch", branch.clone()), ("loop", loop_kind.clone())],
-            )
-            .increment(1);
+            self.counter(BRANCH_OVERRUN, &labels).increment(1);
         }
         {
             // Held while setting, so that a report racing the term's end cannot set it again.
@@ -172,31 +171,19 @@ impl Observer for MetricsObserver {
                     OverrunState::Delayed => 1.0,
                     OverrunState::OnTime => 0.0,
                 };
-                self.gauge(
-                    BRANCH_DELAYED,
-                    &[("branch", branch.clone()), ("loop", loop_kind.clone())],
-                )
-                .set(delayed);
+                self.gauge(BRANCH_DELAYED, &labels).set(delayed);
             }
         }
         self.counter(
             BRANCH_RUNS,
-            &[
-                ("branch", branch.clone()),
-                ("outcome", run.result.outcome().into()),
-            ],
+            &with(&labels, ("outcome", run.result.outcome().into())),
         )
         .increment(1);
-        self.counter(BRANCH_ROWS, &[("branch", branch.clone())])
-            .increment(run.rows);
-        self.gauge(
-            BRANCH_INTERVAL,
-            &[("branch", branch.clone()), ("loop", loop_kind)],
-        )
-        .set(run.interval.as_secs_f64());
+        self.counter(BRANCH_ROWS, &labels).increment(run.rows);
+        self.gauge(BRANCH_INTERVAL, &labels)
+            .set(run.interval.as_secs_f64());
         if run.result.error_message().is_none() {
-            self.gauge(BRANCH_LAST_SUCCESS, &[("branch", branch.clone())])
-                .set(unix_now());
+            self.gauge(BRANCH_LAST_SUCCESS, &labels).set(unix_now());
         }
         for observation in run.observations {
             match observation {
@@ -226,9 +213,7 @@ impl Observer for MetricsObserver {
                 Observation::OldestAvailableAge { queue, seconds } => self
                     .gauge(QUEUE_OLDEST_AVAILABLE_AGE, &[("queue", queue.clone())])
                     .set(*seconds),
-                Observation::Skipped { .. } => self
-                    .counter(BRANCH_SKIPPED, &[("branch", branch.clone())])
-                    .increment(1),
+                Observation::Skipped { .. } => self.counter(BRANCH_SKIPPED, &labels).increment(1),
             }
         }
     }
@@ -275,13 +260,14 @@ mod tests {
     use super::*;
     use metrics_exporter_prometheus::PrometheusBuilder;
     use std::time::Duration;
+    use steward_branches::Class;
     use steward_leader::{LoopMode, RunResult};
 
     fn run(epoch: i64, overrun: OverrunState, transition: Transition) -> BranchRun<'static> {
         BranchRun {
             branch: "promote_scheduled",
-            loop_kind: LoopKind::Slo,
-            loop_name: "promote",
+            class: Class::Slo,
+            loop_name: "promote_scheduled",
             mode: LoopMode::Split,
             epoch,
             interval: Duration::from_millis(250),
@@ -304,10 +290,8 @@ mod tests {
             .and_then(|v| v.trim().parse().ok())
     }
 
-    const DELAYED: &str =
-        r#"steward_maintenance_branch_delayed{branch="promote_scheduled",loop="slo"}"#;
-    const OVERRUNS: &str =
-        r#"steward_maintenance_branch_overrun_total{branch="promote_scheduled",loop="slo"}"#;
+    const DELAYED: &str = r#"steward_maintenance_branch_delayed{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
+    const OVERRUNS: &str = r#"steward_maintenance_branch_overrun_total{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
 
     #[test]
     fn delayed_follows_the_trackers_state_while_the_term_lasts() {
@@ -315,11 +299,12 @@ mod tests {
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             let observer = MetricsObserver::new("host-1-00aa");
-            observer.register_initial(&[(
-                "promote_scheduled",
-                LoopKind::Slo,
-                Duration::from_millis(250),
-            )]);
+            let promoter =
+                steward_branches::promote_scheduled::PromoteScheduled::new(Default::default());
+            observer.register_initial(&LoopPlan::new(
+                LoopMode::Split,
+                &[std::sync::Arc::new(promoter)],
+            ));
             let text = handle.render();
             assert_eq!(sample(&text, DELAYED), Some(0.0), "{text}");
             assert_eq!(

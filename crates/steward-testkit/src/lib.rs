@@ -7,7 +7,7 @@
 
 use deadpool_postgres::Pool;
 use std::time::Duration;
-use steward_schema::SchemaName;
+use steward_connection::{SchemaName, Target};
 use tokio_postgres::{Client, Config, NoTls};
 
 const TEMPLATE_LOCK: &str = "steward.testkit.template";
@@ -15,8 +15,7 @@ const TEMPLATE_LOCK: &str = "steward.testkit.template";
 pub struct TestDb {
     server_url: String,
     name: String,
-    schema: SchemaName,
-    config: Config,
+    target: Target,
 }
 
 /// The server tests run against.
@@ -51,13 +50,11 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await
             .unwrap_or_else(|e| panic!("creating test database {name} from {template}: {e}"));
-        let schema = SchemaName::default();
-        let config = database_config(&server_url, &name, &schema);
+        let target = database_target(&server_url, &name);
         TestDb {
             server_url,
             name,
-            schema,
-            config,
+            target,
         }
     }
 
@@ -66,12 +63,12 @@ impl TestDb {
     }
 
     pub fn schema(&self) -> &SchemaName {
-        &self.schema
+        self.target.schema()
     }
 
-    /// Connection config for this database with the schema pinned.
-    pub fn config(&self) -> Config {
-        self.config.clone()
+    /// This database and its `steward` schema.
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// A URL for this database (without the schema pin), for spawning processes.
@@ -81,13 +78,14 @@ impl TestDb {
 
     /// A dedicated connection to this database.
     pub async fn client(&self) -> Client {
-        steward_schema::connect(&self.config)
+        self.target
+            .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name))
     }
 
     pub fn pool(&self, size: usize) -> Pool {
-        steward_schema::pool(self.config(), size).expect("building the test pool")
+        self.target.pool(size).expect("building the test pool")
     }
 }
 
@@ -119,11 +117,10 @@ impl Drop for TestDb {
     }
 }
 
-fn database_config(server_url: &str, dbname: &str, schema: &SchemaName) -> Config {
-    let mut config = steward_schema::pg_config(server_url, schema, "steward-test")
-        .expect("DATABASE_URL must parse");
-    config.dbname(dbname);
-    config
+fn database_target(server_url: &str, dbname: &str) -> Target {
+    Target::new(&url_with_dbname(server_url, dbname), SchemaName::default())
+        .expect("DATABASE_URL must parse")
+        .named("steward-test")
 }
 
 fn url_with_dbname(server_url: &str, dbname: &str) -> String {
@@ -157,7 +154,7 @@ async fn admin_client(server_url: &str) -> Client {
     try_admin_client(server_url).await.unwrap_or_else(|e| {
         panic!(
             "no PostgreSQL for tests at {}: {e}\nset DATABASE_URL, or run the suite with scripts/test, which starts a throwaway cluster",
-            steward_schema::redact_url(server_url)
+            steward_connection::redact_url(server_url)
         )
     })
 }
@@ -190,12 +187,12 @@ async fn ensure_template(server_url: &str, admin: &Client) -> String {
                 .expect("creating the template database");
         }
         {
-            let schema = SchemaName::default();
-            let mut client =
-                steward_schema::connect(&database_config(server_url, &building, &schema))
-                    .await
-                    .expect("connecting to the template database");
-            steward_schema::migrate(&mut client, &schema)
+            let target = database_target(server_url, &building);
+            let mut client = target
+                .connect()
+                .await
+                .expect("connecting to the template database");
+            steward_schema::migrate(&mut client, target.schema())
                 .await
                 .expect("migrating the template database");
         }

@@ -22,8 +22,8 @@ use monitor::{LeaderRow, Monitor};
 use procs::Fleet;
 use std::path::PathBuf;
 use std::time::Duration;
+use steward_connection::{SchemaName, Target};
 use steward_queue::Queue;
-use steward_schema::SchemaName;
 use summary::Takeover;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{sleep_until, Instant, MissedTickBehavior};
@@ -151,9 +151,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("finding or starting PostgreSQL")?;
     let schema = SchemaName::default();
     let url = fresh_database(server.url(), DATABASE).await?;
-    let config = steward_schema::pg_config(&url, &schema, "steward-demo")?;
+    let target = Target::new(&url, schema.clone())?.named("steward-demo");
     let version = {
-        let mut client = steward_schema::connect(&config).await?;
+        let mut client = target.connect().await?;
         let report = steward_schema::migrate(&mut client, &schema).await?;
         add_cron_schedule(&client).await?;
         report.version
@@ -190,9 +190,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ));
     write_command(&command, &url, &schema)?;
 
-    let mut monitor = Monitor::connect(&config).await?;
+    let mut monitor = Monitor::connect(&target).await?;
     let queue = Queue::new(
-        steward_schema::pool(config.clone(), 16).context("creating the workload's pool")?,
+        target.pool(16).context("creating the workload's pool")?,
         &schema,
     );
     let mut fleet = Fleet::new(&url, schema.as_str(), SETTINGS, &log_dir)?;
@@ -253,7 +253,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if args.keep {
         println!(
             "kept database {DATABASE}: psql '{}'",
-            steward_schema::redact_url(&url)
+            steward_connection::redact_url(&url)
         );
     } else if let Err(e) = drop_database(server.url(), DATABASE).await {
         println!("could not drop database {DATABASE}: {e:#}");
@@ -590,7 +590,7 @@ fn write_command(path: &std::path::Path, url: &str, schema: &SchemaName) -> anyh
     let mut text = format!(
         "DATABASE_URL='{}' STEWARD_SCHEMA={schema} STEWARD_LOG_FORMAT=json \\\n  \
          STEWARD_METRICS_ADDR=127.0.0.1:0 {} run",
-        steward_schema::redact_url(url),
+        steward_connection::redact_url(url),
         exe.display()
     );
     for setting in SETTINGS {
@@ -611,7 +611,7 @@ fn log_dir() -> anyhow::Result<PathBuf> {
 async fn admin(server_url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let config: tokio_postgres::Config = server_url
         .parse()
-        .with_context(|| format!("parsing {}", steward_schema::redact_url(server_url)))?;
+        .with_context(|| format!("parsing {}", steward_connection::redact_url(server_url)))?;
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await

@@ -7,7 +7,7 @@ mod status;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use steward_schema::SchemaName;
+use steward_connection::{SchemaName, Target};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -154,21 +154,20 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Status { db, json } => {
             let client = connect(&db, "steward:status").await?;
             steward_schema::check_schema(&client, &db.schema).await?;
-            status::run(&client, &db.schema, json).await?;
+            status::print(
+                &steward_leader::status::read(&client, &db.schema).await?,
+                json,
+            )?;
         }
     }
     Ok(())
 }
 
 async fn connect(db: &DbArgs, application_name: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let config = steward_schema::pg_config(&db.database_url, &db.schema, application_name)?;
-    let tls = steward_schema::Tls::from_url(&db.database_url)?;
-    steward_schema::connect_with(&config, &tls)
+    let target = Target::new(&db.database_url, db.schema.clone())?;
+    target
+        .named(application_name)
+        .connect()
         .await
-        .with_context(|| {
-            format!(
-                "connecting to {}",
-                steward_schema::redact_url(&db.database_url)
-            )
-        })
+        .with_context(|| format!("connecting to {target}"))
 }

@@ -5,8 +5,8 @@ use crate::LogFormat;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
+use steward_connection::{SchemaName, Target};
 use steward_leader::{Candidate, LoopMode};
-use steward_schema::SchemaName;
 use steward_telemetry::{HttpState, MetricsObserver, Telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -69,16 +69,14 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
         .or(config.schema.clone())
         .unwrap_or_else(|| SchemaName::DEFAULT.to_owned())
         .parse()?;
-    let branches = config.branches.build();
-    let registered: Vec<_> = branches
-        .iter()
-        .map(|b| (b.name(), b.loop_kind(), b.interval()))
-        .collect();
-    let readiness_url = database_url.clone();
-    let readiness_db = steward_schema::pg_config(&database_url, &schema, "steward:readyz")?;
-    let candidate = Candidate::new(database_url, schema, config.leader.clone(), branches);
+    let target = Target::new(&database_url, schema)?;
+    let candidate = Candidate::new(
+        target.clone(),
+        config.leader.clone(),
+        config.branches.build(),
+    )?;
     let metrics = Arc::new(MetricsObserver::new(candidate.instance()));
-    metrics.register_initial(&registered);
+    metrics.register_initial(candidate.plan());
     let candidate = candidate.with_observer(metrics);
     steward_telemetry::serve(
         args.metrics_addr,
@@ -87,8 +85,7 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
             candidate.health(),
             candidate.instance().to_owned(),
             args.loop_stall_limit,
-            readiness_db,
-            steward_schema::Tls::from_url(&readiness_url)?,
+            target,
         ),
     )
     .await

@@ -2,15 +2,16 @@
 //! appended as plain text otherwise (CI logs).
 //!
 //! Tables are lists of [`Column`]s over a row type. To show another per-branch figure from
-//! `branch_health`, add the field to [`BranchRow`] and to `monitor::BRANCHES`, then one entry
+//! `branch_health`, add the field to [`BranchStatus`] and to `steward_leader::status::BRANCHES`, then one entry
 //! to [`BRANCH_COLUMNS`]. The promotion lag, which `branch_health` does not hold, is read from
 //! the leader's `/metrics` (`monitor::PromotionLag`) and shown on a line of its own.
 
-use super::monitor::{BranchRow, PromotionLag, Snapshot};
+use super::monitor::{PromotionLag, Snapshot};
 use super::workload::StatsSnapshot;
 use std::io::{IsTerminal, Write};
 use std::str::FromStr;
 use std::time::Duration;
+use steward_leader::status::BranchStatus;
 use steward_queue::JobState;
 
 /// One column of a table: its header, its minimum width and how to render a row's cell.
@@ -23,7 +24,7 @@ pub struct Column<T> {
 }
 
 /// The live per-branch table.
-pub const BRANCH_COLUMNS: &[Column<BranchRow>] = &[
+pub const BRANCH_COLUMNS: &[Column<BranchStatus>] = &[
     Column {
         header: "branch",
         min_width: 30,
@@ -403,19 +404,19 @@ mod tests {
     #[test]
     fn tables_align_and_grow_with_content() {
         let rows = vec![
-            BranchRow {
+            BranchStatus {
                 branch: "promote_scheduled".into(),
                 loop_name: "slo".into(),
                 runs: 12,
                 last_rows: Some(40),
                 last_duration_ms: Some(1.26),
                 overrun_state: "on_time".into(),
-                ..BranchRow::default()
+                ..BranchStatus::default()
             },
-            BranchRow {
+            BranchStatus {
                 branch: "a_branch_name_longer_than_thirty_chars".into(),
                 runs: 123_456,
-                ..BranchRow::default()
+                ..BranchStatus::default()
             },
         ];
         let lines = table(BRANCH_COLUMNS, &rows);

@@ -5,6 +5,8 @@
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
+use steward_connection::{SchemaName, Target};
+use steward_leader::status::{BranchStatus, Status};
 use tokio_postgres::Client;
 
 /// The promotion-lag histogram on the leader's `/metrics`.
@@ -16,35 +18,38 @@ pub const LAG_WINDOW: Duration = Duration::from_secs(10);
 /// A scrape of the leader's `/metrics` must not hold up the view.
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The current term. Primary key.
-pub const LEADER: &str =
-    "SELECT epoch, instance, pid, resigned_at IS NOT NULL FROM leader WHERE id = 1";
-
-/// Per-branch health as the leader last flushed it, with the instance of the term that wrote
-/// it (the counters are per process: each instance counts from zero).
-pub const BRANCHES: &str = "
-SELECT b.branch, b.loop_name, b.epoch, t.instance, b.runs, b.last_rows, b.last_duration_ms,
-       b.last_start_delay_ms, b.overrun_state, b.overrun_episodes, b.errors, b.last_error
-FROM branch_health b LEFT JOIN leader_terms t ON t.epoch = b.epoch
-ORDER BY b.loop_name DESC, b.branch";
-
 /// Job counts by state (a sequential scan: the demo's table stays small).
 pub const STATES: &str = "SELECT state::text, count(*) FROM jobs GROUP BY state";
 
 pub const ARCHIVED: &str = "SELECT count(*) FROM job_archive";
 
+/// Who leads, as the demo needs it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LeaderRow {
+    /// The current term's epoch, or the last one's when nobody leads.
     pub epoch: i64,
     pub instance: Option<String>,
     pub pid: Option<i32>,
-    pub resigned: bool,
+    /// Someone holds the leadership lock.
+    pub leading: bool,
 }
 
 impl LeaderRow {
-    /// A term is open: someone was elected and has not stepped down.
+    fn of(status: &Status) -> Self {
+        match status.leader.as_ref().or(status.last_term.as_ref()) {
+            Some(term) => Self {
+                epoch: term.epoch,
+                instance: Some(term.instance.clone()),
+                pid: Some(term.pid),
+                leading: status.lock_held,
+            },
+            None => Self::default(),
+        }
+    }
+
+    /// A term is open: someone holds the leadership lock.
     pub fn leading(&self) -> bool {
-        self.epoch > 0 && self.instance.is_some() && !self.resigned
+        self.leading
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -52,28 +57,10 @@ impl LeaderRow {
     }
 }
 
-/// One `branch_health` row.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct BranchRow {
-    pub branch: String,
-    pub loop_name: String,
-    pub epoch: i64,
-    /// The instance that led `epoch`.
-    pub instance: Option<String>,
-    pub runs: i64,
-    pub last_rows: Option<i64>,
-    pub last_duration_ms: Option<f64>,
-    pub last_start_delay_ms: Option<f64>,
-    pub overrun_state: String,
-    pub overrun_episodes: i64,
-    pub errors: i64,
-    pub last_error: Option<String>,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub leader: LeaderRow,
-    pub branches: Vec<BranchRow>,
+    pub branches: Vec<BranchStatus>,
     /// Count per job state, in the order of `JobState::ALL`, zeros included.
     pub states: Vec<(&'static str, i64)>,
     pub archived: i64,
@@ -236,8 +223,9 @@ pub struct BranchTotal {
 
 pub struct Monitor {
     client: Client,
+    schema: SchemaName,
     /// The latest row seen per branch and per instance.
-    seen: BTreeMap<String, BTreeMap<String, BranchRow>>,
+    seen: BTreeMap<String, BTreeMap<String, BranchStatus>>,
     /// Log files of the demo's processes, by pid: each names the address it serves
     /// `/metrics` on (bound to port 0).
     logs: HashMap<u32, std::path::PathBuf>,
@@ -248,14 +236,15 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Monitor> {
-        let mut config = config.clone();
-        config.application_name("steward-demo-monitor");
-        let client = steward_schema::connect(&config)
+    pub async fn connect(target: &Target) -> anyhow::Result<Monitor> {
+        let client = target
+            .named("steward-demo-monitor")
+            .connect()
             .await
             .context("connecting the demo's monitor")?;
         Ok(Monitor {
             client,
+            schema: target.schema().clone(),
             seen: BTreeMap::new(),
             logs: HashMap::new(),
             metrics_addrs: HashMap::new(),
@@ -310,45 +299,19 @@ impl Monitor {
         &self.client
     }
 
+    async fn status(&self) -> anyhow::Result<Status> {
+        Ok(steward_leader::status::read(&self.client, &self.schema).await?)
+    }
+
     pub async fn leader(&self) -> anyhow::Result<LeaderRow> {
-        let row = self
-            .client
-            .query_one(LEADER, &[])
-            .await
-            .context("reading the leader row")?;
-        Ok(LeaderRow {
-            epoch: row.try_get(0)?,
-            instance: row.try_get(1)?,
-            pid: row.try_get(2)?,
-            resigned: row.try_get(3)?,
-        })
+        Ok(LeaderRow::of(&self.status().await?))
     }
 
     /// Reads everything the live view shows, and remembers the branch counters for the totals.
     pub async fn sample(&mut self) -> anyhow::Result<Snapshot> {
-        let leader = self.leader().await?;
-        let mut branches = Vec::new();
-        for row in self
-            .client
-            .query(BRANCHES, &[])
-            .await
-            .context("reading branch_health")?
-        {
-            branches.push(BranchRow {
-                branch: row.try_get(0)?,
-                loop_name: row.try_get(1)?,
-                epoch: row.try_get(2)?,
-                instance: row.try_get(3)?,
-                runs: row.try_get(4)?,
-                last_rows: row.try_get(5)?,
-                last_duration_ms: row.try_get(6)?,
-                last_start_delay_ms: row.try_get(7)?,
-                overrun_state: row.try_get(8)?,
-                overrun_episodes: row.try_get(9)?,
-                errors: row.try_get(10)?,
-                last_error: row.try_get(11)?,
-            });
-        }
+        let status = self.status().await?;
+        let leader = LeaderRow::of(&status);
+        let branches = status.branches;
         let mut counts = BTreeMap::new();
         for row in self
             .client

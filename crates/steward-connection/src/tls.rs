@@ -53,7 +53,7 @@ pub enum TlsSetupError {
 
 /// How Steward's connections to one server do TLS.
 #[derive(Clone)]
-pub struct Tls {
+pub(crate) struct Tls {
     mode: SslMode,
     connector: Option<MakeRustlsConnect>,
 }
@@ -65,14 +65,6 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// No TLS.
-    pub fn none() -> Self {
-        Self {
-            mode: SslMode::Disable,
-            connector: None,
-        }
-    }
-
     pub fn mode(&self) -> SslMode {
         self.mode
     }
@@ -82,8 +74,7 @@ impl Tls {
     }
 
     /// The TLS settings a database URL asks for.
-    pub fn from_url(url: &str) -> Result<Self, TlsSetupError> {
-        let params = TlsParams::parse(url)?;
+    pub fn from_params(params: &TlsParams) -> Result<Self, TlsSetupError> {
         let config = match params.mode {
             SslMode::Disable | SslMode::Prefer => {
                 return Ok(Self {
@@ -352,25 +343,25 @@ mod tests {
         ));
     }
 
+    fn tls(url: &str) -> Result<Tls, TlsSetupError> {
+        Tls::from_params(&TlsParams::parse(url)?)
+    }
+
     #[test]
     fn a_missing_root_certificate_file_is_a_clear_error() {
-        let err =
-            Tls::from_url("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
-                .unwrap_err();
+        let err = tls("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
+            .expect_err("a missing sslrootcert is refused");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]
     fn modes_build_connectors() {
-        assert!(Tls::from_url("postgres://h/db?sslmode=disable")
+        assert!(tls("postgres://h/db?sslmode=disable")
             .unwrap()
             .connector()
             .is_none());
-        assert!(Tls::from_url("postgres://h/db")
-            .unwrap()
-            .connector()
-            .is_none());
-        assert!(Tls::from_url("postgres://h/db?sslmode=require")
+        assert!(tls("postgres://h/db").unwrap().connector().is_none());
+        assert!(tls("postgres://h/db?sslmode=require")
             .unwrap()
             .connector()
             .is_some());
