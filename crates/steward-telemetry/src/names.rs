@@ -1,5 +1,7 @@
-//! Every metric Steward exports, by its Prometheus name. Dashboards and alert rules are
-//! checked against these (dashboards/check.py, with the names scraped from a live leader).
+//! Every metric Steward exports: its Prometheus name, its kind and its label names. [`ALL`] is
+//! the one list the dashboards, the alert rules (tests/assets.rs) and a live leader's scrape
+//! (tests/e2e_telemetry.rs) are checked against, so a metric or label added or renamed here
+//! must be added or renamed there too.
 
 pub const BRANCH_DURATION: &str = "steward_maintenance_branch_duration_seconds";
 pub const BRANCH_START_DELAY: &str = "steward_maintenance_branch_start_delay_seconds";
@@ -18,6 +20,83 @@ pub const PROMOTION_LAG: &str = "steward_promotion_lag_seconds";
 pub const RESCUED_JOBS: &str = "steward_rescued_jobs_total";
 pub const QUEUE_JOBS: &str = "steward_queue_jobs";
 pub const QUEUE_OLDEST_AVAILABLE_AGE: &str = "steward_queue_oldest_available_age_seconds";
+
+/// What a metric is in the Prometheus exposition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// Exposed as `_bucket` (with `le`), `_sum` and `_count` series.
+    Histogram,
+}
+
+impl Kind {
+    /// The type as written on the exposition's `# TYPE` line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One exported metric and the label names every one of its series carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+const fn metric(name: &'static str, kind: Kind, labels: &'static [&'static str]) -> Metric {
+    Metric { name, kind, labels }
+}
+
+/// The labels of every per-branch metric. `class` is the branch's class (`slo` or `hygiene`)
+/// and is what "the SLO branches" select on; `loop` is the name of the loop task that runs the
+/// branch (`slo`, `hygiene`, a branch's own loop, or `monolithic`), which differs from the
+/// class for a branch with a loop of its own.
+const BRANCH_LABELS: &[&str] = &["branch", "class", "loop"];
+
+/// Every metric Steward exports. The Prometheus endpoint and OTLP carry the same names.
+pub const ALL: &[Metric] = &[
+    metric(
+        BRANCH_DURATION,
+        Kind::Histogram,
+        &["branch", "class", "loop", "mode"],
+    ),
+    metric(
+        BRANCH_START_DELAY,
+        Kind::Histogram,
+        &["branch", "class", "loop", "mode"],
+    ),
+    metric(BRANCH_OVERRUN, Kind::Counter, BRANCH_LABELS),
+    metric(BRANCH_DELAYED, Kind::Gauge, BRANCH_LABELS),
+    metric(
+        BRANCH_RUNS,
+        Kind::Counter,
+        &["branch", "class", "loop", "outcome"],
+    ),
+    metric(BRANCH_ROWS, Kind::Counter, BRANCH_LABELS),
+    metric(BRANCH_LAST_SUCCESS, Kind::Gauge, BRANCH_LABELS),
+    metric(BRANCH_INTERVAL, Kind::Gauge, BRANCH_LABELS),
+    metric(BRANCH_SKIPPED, Kind::Counter, BRANCH_LABELS),
+    metric(LOOP_RESTARTS, Kind::Counter, &["loop"]),
+    // `instance` is the Steward instance name; Prometheus stores it as `exported_instance`.
+    metric(LEADER, Kind::Gauge, &["instance"]),
+    metric(LEADER_EPOCH, Kind::Gauge, &["instance"]),
+    metric(LEADER_TRANSITIONS, Kind::Counter, &["event"]),
+    metric(PROMOTION_LAG, Kind::Histogram, &[]),
+    metric(RESCUED_JOBS, Kind::Counter, &["reason"]),
+    metric(QUEUE_JOBS, Kind::Gauge, &["queue", "state"]),
+    metric(QUEUE_OLDEST_AVAILABLE_AGE, Kind::Gauge, &["queue"]),
+];
+
+/// The metric of this name, if Steward exports it.
+pub fn find(name: &str) -> Option<&'static Metric> {
+    ALL.iter().find(|m| m.name == name)
+}
 
 /// Durations of branch bodies: from sub-millisecond promotions to minute-long cleanups.
 pub const DURATION_BUCKETS: &[f64] = &[
