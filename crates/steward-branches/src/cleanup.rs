@@ -13,15 +13,18 @@
 //! archive. It waits for a candidate another transaction holds (another cleaner's batch, a
 //! short update) rather than locking every row first; after a wait that hits the lock timeout
 //! (a row held by an idle transaction), batches lock their candidates with `SKIP LOCKED` for
-//! ten minutes (see the `picked!` macro), so that one held row never stalls cleanup. The next
+//! ten minutes (see the `held_rows!` macro), so that one held row never stalls cleanup. The next
 //! batch follows when a batch picked a whole batch of candidates, whatever it moved, and it
 //! starts after the last of them. When a UTC day among them has no archive partition the
 //! insert fails (23514) and the transaction rolls back; the branch then creates the days the
 //! batch needs in a transaction of its own (under [`crate::rotate_archive::LOCK_PARTITIONS`])
 //! and runs the batch again.
 //! Partitions are created ahead by `rotate_archive`, so the second try is the exception (old
-//! backlogs, a first run), and the common path pays for no check at all: checking each batch's
-//! days inside the statement cost about a quarter of its time (15 of ~60 ms per 10k rows).
+//! backlogs, a first run), and the common path checks nothing: checking each batch's days
+//! inside the statement would slow every batch.
+//!
+//! The statements are built by the macros below; the SQL that runs, one file per constant, is in
+//! `tests/sql/cleanup__*.snap` (`cleanup__archive_completed.snap` is [`ARCHIVE_COMPLETED`]).
 //!
 //! Batch commits do not wait for their WAL flush ([`Durability::Relaxed`]): a batch lost in a
 //! server crash leaves its jobs in `jobs`, past retention, and the next pass moves them again.
@@ -49,9 +52,9 @@ use tokio_postgres::types::{ToSql, Type};
 /// The rest of a candidate query after `FROM jobs`: up to $4 jobs of one final state past
 /// retention, oldest first, after the key ($5, $6). The state literal picks the state's partial
 /// index, range-scanned from that key up to the cutoff. A pass's batches each start where the
-/// one before ended ([`After`]): from the head of the index, every batch stepped again over the
-/// entries of all rows the pass had moved (dead until vacuum removes them), which made each
-/// 10k batch about 1 ms slower than the one before.
+/// one before ended ([`After`]), because a batch that started from the head of the index would
+/// step again over the entries of every row the pass had already moved (dead until vacuum
+/// removes them), and so take longer than the batch before it.
 macro_rules! expired {
     ($state:literal) => {
         concat!(
@@ -67,45 +70,68 @@ macro_rules! expired {
     };
 }
 
-/// The `picked` CTE of [`archive_statement!`] and [`delete_statement!`]: the [`expired!`]
-/// candidates' `ctid`s and keys. `$how` says what a candidate another transaction holds (a
-/// row lock or an uncommitted change) does to the batch:
+/// What a candidate another transaction holds (a row lock or an uncommitted change) does to a
+/// batch ([`Mode`]), as the end of the `picked` query of [`batch_statement!`]:
 /// - `wait`: nothing at first; the delete then waits for the holder. One heap write per row:
 ///   the common path.
 /// - `skip`: it is left out, because the candidates are locked first (`FOR UPDATE SKIP
 ///   LOCKED`). Never waits, but writes a row lock (a heap write and a WAL record) per row
-///   before deleting it, about a tenth of a batch's time: the branch falls back to it for a
-///   while after a `wait` batch found a row held for longer than the lock timeout (see
+///   before deleting it, which makes a batch noticeably slower: the branch falls back to it
+///   for a while after a `wait` batch found a row held for longer than the lock timeout (see
 ///   [`Cleanup`]).
-macro_rules! picked {
-    (wait, $state:literal) => {
-        concat!(
-            "picked AS MATERIALIZED (
-    SELECT ctid, finalized_at, id FROM jobs",
-            expired!($state),
-            ")"
-        )
+macro_rules! held_rows {
+    (wait) => {
+        ""
     };
-    (skip, $state:literal) => {
-        concat!(
-            "picked AS MATERIALIZED (
-    SELECT ctid, finalized_at, id FROM jobs",
-            expired!($state),
-            "
-    FOR UPDATE SKIP LOCKED)"
-        )
+    (skip) => {
+        "
+    FOR UPDATE SKIP LOCKED"
     };
 }
 
-/// The `gone` CTE: deletes the picked row versions by `ctid` (a TID scan), returning
-/// `$returning`. The re-check of state and cutoff keeps out a row that changed meanwhile:
-/// PostgreSQL evaluates it again on the newest version of a row it waited for (the TID
-/// condition alone is not re-checked), and a row that another cleaner deleted is skipped once
-/// that cleaner commits.
-macro_rules! gone {
-    ($state:literal, $returning:literal) => {
+/// Builds the batch statement that moves one final state's [`expired!`] candidates to the
+/// archive (`archive`) or deletes them (`delete`), `$how` saying what a held candidate does
+/// ([`held_rows!`]). Its parts:
+/// - `picked`: the candidates' `ctid`s and keys.
+/// - `gone`: deletes the picked row versions by `ctid` (a TID scan). The re-check of state and
+///   cutoff keeps out a row that changed meanwhile: PostgreSQL evaluates it again on the newest
+///   version of a row it waited for (the TID condition alone is not re-checked), and a row that
+///   another cleaner deleted is skipped once that cleaner commits.
+/// - `archived` (archiving only): inserts the deleted jobs into the archive, keeping the
+///   priority the producer asked for (aging only changed claim order). It fails with
+///   check_violation when a job's UTC day has no archive partition yet.
+/// - the result, one row: how many candidates were picked, how many jobs left `jobs`, and the
+///   key (finalized_at as text, id) of the last candidate, NULL when none was picked. A batch is
+///   full when it picked a whole batch, whatever it moved: a batch that waited for rows another
+///   cleaner took moves fewer while more are due.
+macro_rules! batch_statement {
+    (archive, $how:ident, $state:literal) => {
+        batch_statement!(
+            $how,
+            $state,
+            "id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+              created_at, attempted_at, finalized_at, unique_key, args, errors",
+            ",
+archived AS (
+    INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts, run_at,
+                             created_at, attempted_at, finalized_at, unique_key, args, errors)
+    SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
+           created_at, attempted_at, finalized_at, unique_key, args, errors
+    FROM gone)"
+        )
+    };
+    (delete, $how:ident, $state:literal) => {
+        batch_statement!($how, $state, "1", "")
+    };
+    ($how:ident, $state:literal, $returning:literal, $archived:literal) => {
         concat!(
-            "gone AS (
+            "
+WITH picked AS MATERIALIZED (
+    SELECT ctid, finalized_at, id FROM jobs",
+            expired!($state),
+            held_rows!($how),
+            "),
+gone AS (
     DELETE FROM jobs
     WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked))
       AND state = '",
@@ -113,51 +139,14 @@ macro_rules! gone {
             "' AND finalized_at < now() - $1::float8 * interval '1 second'
     RETURNING ",
             $returning,
-            ")"
-        )
-    };
-}
-
-/// The end of both batch statements, one row: how many candidates were picked, how many jobs
-/// left `jobs`, and the key (finalized_at as text, id) of the last candidate, NULL when none
-/// was picked. A batch is full when it picked a whole batch, whatever it moved: a batch that
-/// waited for rows another cleaner took moves fewer while more are due.
-macro_rules! batch_result {
-    () => {
-        "
+            ")",
+            $archived,
+            "
 SELECT counted.picked, (SELECT count(*) FROM gone), last.finalized_at::text, last.id
 FROM (SELECT count(*) AS picked FROM picked) counted
 LEFT JOIN LATERAL (
     SELECT finalized_at, id FROM picked ORDER BY finalized_at DESC, id DESC LIMIT 1
 ) last ON true"
-    };
-}
-
-/// Builds the archiving statement of one final state: moves its [`expired!`] candidates
-/// (see [`picked!`] for `$how`, [`gone!`] for the delete) to the archive, keeping the priority
-/// the producer asked for (aging only changed claim order); returns [`batch_result!`]. Fails
-/// with check_violation when a job's UTC day has no archive partition yet.
-macro_rules! archive_statement {
-    ($how:ident, $state:literal) => {
-        concat!(
-            "
-WITH ",
-            picked!($how, $state),
-            ",
-",
-            gone!(
-                $state,
-                "id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
-              created_at, attempted_at, finalized_at, unique_key, args, errors"
-            ),
-            ",
-archived AS (
-    INSERT INTO job_archive (id, queue, kind, state, priority, attempt, max_attempts, run_at,
-                             created_at, attempted_at, finalized_at, unique_key, args, errors)
-    SELECT id, queue, kind, state, original_priority, attempt, max_attempts, run_at,
-           created_at, attempted_at, finalized_at, unique_key, args, errors
-    FROM gone)",
-            batch_result!()
         )
     };
 }
@@ -179,35 +168,18 @@ FROM (SELECT finalized_at FROM jobs",
     };
 }
 
-/// Builds the statement that deletes, without archiving, the [`expired!`] candidates of one
-/// final state (see [`picked!`] for `$how`, [`gone!`] for the delete); returns
-/// [`batch_result!`].
-macro_rules! delete_statement {
-    ($how:ident, $state:literal) => {
-        concat!(
-            "
-WITH ",
-            picked!($how, $state),
-            ",
-",
-            gone!($state, "1"),
-            batch_result!()
-        )
-    };
-}
-
 /// Archives completed jobs past retention. Index: jobs_completed_idx.
-pub const ARCHIVE_COMPLETED: &str = archive_statement!(wait, "completed");
+pub const ARCHIVE_COMPLETED: &str = batch_statement!(archive, wait, "completed");
 /// Archives failed jobs past retention. Index: jobs_failed_idx.
-pub const ARCHIVE_FAILED: &str = archive_statement!(wait, "failed");
+pub const ARCHIVE_FAILED: &str = batch_statement!(archive, wait, "failed");
 /// Archives cancelled jobs past retention. Index: jobs_cancelled_idx.
-pub const ARCHIVE_CANCELLED: &str = archive_statement!(wait, "cancelled");
+pub const ARCHIVE_CANCELLED: &str = batch_statement!(archive, wait, "cancelled");
 /// [`ARCHIVE_COMPLETED`], skipping held rows. Index: jobs_completed_idx.
-pub const ARCHIVE_COMPLETED_SKIPPING: &str = archive_statement!(skip, "completed");
+pub const ARCHIVE_COMPLETED_SKIPPING: &str = batch_statement!(archive, skip, "completed");
 /// [`ARCHIVE_FAILED`], skipping held rows. Index: jobs_failed_idx.
-pub const ARCHIVE_FAILED_SKIPPING: &str = archive_statement!(skip, "failed");
+pub const ARCHIVE_FAILED_SKIPPING: &str = batch_statement!(archive, skip, "failed");
 /// [`ARCHIVE_CANCELLED`], skipping held rows. Index: jobs_cancelled_idx.
-pub const ARCHIVE_CANCELLED_SKIPPING: &str = archive_statement!(skip, "cancelled");
+pub const ARCHIVE_CANCELLED_SKIPPING: &str = batch_statement!(archive, skip, "cancelled");
 
 /// Days of the next batch of completed jobs. Index: jobs_completed_idx.
 pub const BATCH_DAYS_COMPLETED: &str = batch_days_statement!("completed");
@@ -222,17 +194,17 @@ pub const CREATE_PARTITIONS: &str = "
 SELECT count(*) FILTER (WHERE create_archive_partition(day)) FROM unnest($1::date[]) AS day";
 
 /// With `archive = false`: deletes completed jobs past retention. Index: jobs_completed_idx.
-pub const DELETE_COMPLETED: &str = delete_statement!(wait, "completed");
+pub const DELETE_COMPLETED: &str = batch_statement!(delete, wait, "completed");
 /// With `archive = false`: deletes failed jobs past retention. Index: jobs_failed_idx.
-pub const DELETE_FAILED: &str = delete_statement!(wait, "failed");
+pub const DELETE_FAILED: &str = batch_statement!(delete, wait, "failed");
 /// With `archive = false`: deletes cancelled jobs past retention. Index: jobs_cancelled_idx.
-pub const DELETE_CANCELLED: &str = delete_statement!(wait, "cancelled");
+pub const DELETE_CANCELLED: &str = batch_statement!(delete, wait, "cancelled");
 /// [`DELETE_COMPLETED`], skipping held rows. Index: jobs_completed_idx.
-pub const DELETE_COMPLETED_SKIPPING: &str = delete_statement!(skip, "completed");
+pub const DELETE_COMPLETED_SKIPPING: &str = batch_statement!(delete, skip, "completed");
 /// [`DELETE_FAILED`], skipping held rows. Index: jobs_failed_idx.
-pub const DELETE_FAILED_SKIPPING: &str = delete_statement!(skip, "failed");
+pub const DELETE_FAILED_SKIPPING: &str = batch_statement!(delete, skip, "failed");
 /// [`DELETE_CANCELLED`], skipping held rows. Index: jobs_cancelled_idx.
-pub const DELETE_CANCELLED_SKIPPING: &str = delete_statement!(skip, "cancelled");
+pub const DELETE_CANCELLED_SKIPPING: &str = batch_statement!(delete, skip, "cancelled");
 
 /// How long finished jobs stay in `jobs`, by final state.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -369,11 +341,12 @@ impl Config {
     }
 }
 
+/// The final states. The discriminants index the columns of the statement tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Terminal {
-    Completed,
-    Failed,
-    Cancelled,
+    Completed = 0,
+    Failed = 1,
+    Cancelled = 2,
 }
 
 impl Terminal {
@@ -404,42 +377,41 @@ impl Terminal {
     }
 
     fn archive_sql(self, mode: Mode) -> &'static str {
-        match (self, mode) {
-            (Terminal::Completed, Mode::Wait) => ARCHIVE_COMPLETED,
-            (Terminal::Failed, Mode::Wait) => ARCHIVE_FAILED,
-            (Terminal::Cancelled, Mode::Wait) => ARCHIVE_CANCELLED,
-            (Terminal::Completed, Mode::Skip) => ARCHIVE_COMPLETED_SKIPPING,
-            (Terminal::Failed, Mode::Skip) => ARCHIVE_FAILED_SKIPPING,
-            (Terminal::Cancelled, Mode::Skip) => ARCHIVE_CANCELLED_SKIPPING,
-        }
+        ARCHIVE[mode as usize][self as usize]
     }
 
     fn batch_days_sql(self) -> &'static str {
-        match self {
-            Terminal::Completed => BATCH_DAYS_COMPLETED,
-            Terminal::Failed => BATCH_DAYS_FAILED,
-            Terminal::Cancelled => BATCH_DAYS_CANCELLED,
-        }
+        BATCH_DAYS[self as usize]
     }
 
     fn delete_sql(self, mode: Mode) -> &'static str {
-        match (self, mode) {
-            (Terminal::Completed, Mode::Wait) => DELETE_COMPLETED,
-            (Terminal::Failed, Mode::Wait) => DELETE_FAILED,
-            (Terminal::Cancelled, Mode::Wait) => DELETE_CANCELLED,
-            (Terminal::Completed, Mode::Skip) => DELETE_COMPLETED_SKIPPING,
-            (Terminal::Failed, Mode::Skip) => DELETE_FAILED_SKIPPING,
-            (Terminal::Cancelled, Mode::Skip) => DELETE_CANCELLED_SKIPPING,
-        }
+        DELETE[mode as usize][self as usize]
     }
 }
 
-/// Which statements a batch uses (see [`picked!`]).
+/// Which statements a batch uses (see [`held_rows!`]). The discriminants index the rows of the
+/// statement tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    Wait,
-    Skip,
+    Wait = 0,
+    Skip = 1,
 }
+
+// The statement tables: a row per `Mode`, a column per final state (`Terminal`).
+#[rustfmt::skip]
+const ARCHIVE: [[&str; 3]; 2] = [
+    // completed                 failed                   cancelled
+    [ARCHIVE_COMPLETED,          ARCHIVE_FAILED,          ARCHIVE_CANCELLED],          // wait
+    [ARCHIVE_COMPLETED_SKIPPING, ARCHIVE_FAILED_SKIPPING, ARCHIVE_CANCELLED_SKIPPING], // skip
+];
+#[rustfmt::skip]
+const DELETE: [[&str; 3]; 2] = [
+    [DELETE_COMPLETED,           DELETE_FAILED,           DELETE_CANCELLED],           // wait
+    [DELETE_COMPLETED_SKIPPING,  DELETE_FAILED_SKIPPING,  DELETE_CANCELLED_SKIPPING],  // skip
+];
+#[rustfmt::skip]
+const BATCH_DAYS: [&str; 3] =
+    [BATCH_DAYS_COMPLETED,       BATCH_DAYS_FAILED,       BATCH_DAYS_CANCELLED];
 
 /// After a batch waited out its lock timeout on a held row, batches skip held rows for this
 /// long: a row held that long is likely held again on the next pass (an idle transaction), and
@@ -506,7 +478,7 @@ impl After {
         }
     }
 
-    /// From the last two columns of a [`batch_result!`] row; `None` when the batch picked
+    /// From the last two columns of a [`batch_statement!`] row; `None` when the batch picked
     /// nothing.
     fn from_batch_result(row: &tokio_postgres::Row) -> Option<Self> {
         match (
@@ -580,7 +552,7 @@ fn groups(config: &Config) -> Vec<Group> {
     groups
 }
 
-/// Batches delete their candidates directly (`wait`, see the `picked!` macro) unless a recent
+/// Batches delete their candidates directly (`wait`, see the `held_rows!` macro) unless a recent
 /// batch ran into a held row: then they skip held rows for ten minutes.
 pub struct Cleanup {
     config: Config,
@@ -751,6 +723,33 @@ impl Cleanup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_statement_tables_pick_each_state_and_mode() {
+        for state in Terminal::ALL {
+            let state_literal = format!("state = '{}'", state.as_str());
+            for (mode, locks) in [(Mode::Wait, 0), (Mode::Skip, 1)] {
+                for (sql, archives) in [(state.archive_sql(mode), 1), (state.delete_sql(mode), 0)] {
+                    assert_eq!(sql.matches(&state_literal).count(), 2, "{sql}");
+                    assert_eq!(
+                        sql.matches("FOR UPDATE SKIP LOCKED").count(),
+                        locks,
+                        "{sql}"
+                    );
+                    assert_eq!(
+                        sql.matches("INSERT INTO job_archive").count(),
+                        archives,
+                        "{sql}"
+                    );
+                }
+            }
+            let days = state.batch_days_sql();
+            assert!(
+                days.contains(&state_literal) && days.contains("SKIP LOCKED"),
+                "{days}"
+            );
+        }
+    }
 
     #[test]
     fn overrides_form_groups_and_leave_the_default_group_the_rest() {

@@ -80,10 +80,9 @@ ORDER BY s.name";
 /// same instant waits for that pass and then conflicts, so it inserts no job: exactly once per
 /// (schedule, fire_at) by the primary key of `cron_fires`. Jobs due later are 'scheduled'
 /// (promote_scheduled, via jobs_due_idx, makes them available on time); jobs already due are
-/// 'available'. Same wake-up rule as the queue client's ENQUEUE_BATCH: a NOTIFY on the
-/// promoter's channel (`steward_queue::due_channel`, i.e. `<schema>_due`, the schema being the
-/// pinned search_path) when the earliest new scheduled job is due before the promoter's
-/// published wake-up. Returns the number of jobs inserted.
+/// 'available'. Same wake-up rule as the queue client's ENQUEUE_BATCH: `wake_promoter` of the
+/// earliest new scheduled job (migration V8). Returns the number of jobs inserted, and 1 when a
+/// NOTIFY was sent, else 0.
 pub const ENQUEUE_FIRES: &str = "
 WITH fire AS (
     INSERT INTO cron_fires (schedule_name, fire_at, job_id)
@@ -101,10 +100,9 @@ WITH fire AS (
     FROM fire
     RETURNING state, run_at
 ), wake AS (
-    SELECT pg_notify(current_schema() || '_due', '') FROM leader
-    WHERE leader.promote_wakeup_at > (SELECT min(run_at) FROM job WHERE state = 'scheduled')
+    SELECT wake_promoter(min(run_at)) AS sent FROM job WHERE state = 'scheduled'
 )
-SELECT count(*), (SELECT count(*) FROM wake) FROM job";
+SELECT count(*), (SELECT count(*) FROM wake WHERE sent) FROM job";
 
 /// Deletes up to $2 fire records enqueued more than $1 seconds ago, oldest first. Index:
 /// cron_fires_enqueued_idx; the delete itself goes by the primary key. No `FOR UPDATE SKIP

@@ -7,7 +7,11 @@
 //! due, so the next pass promotes it again, and a worker's claim of a promoted job flushes the
 //! promotion with it. Between runs it sleeps until the earliest due job (never longer than the
 //! interval, never shorter than `min_wake_gap`), and it publishes that wake-up time in
-//! `leader.promote_wakeup_at` so that producers NOTIFY only for jobs due before it.
+//! `leader.promote_wakeup_at` so that producers NOTIFY only for jobs due before it (the rule is
+//! the schema's `wake_promoter` function).
+//!
+//! The statements, as they run, are in `tests/sql/promote_scheduled__promote.snap` and
+//! `tests/sql/promote_scheduled__plan_wakeup.snap`.
 
 use crate::in_one_round_trip;
 use crate::{

@@ -12,6 +12,8 @@
 //! Waiting for the flush bought nothing and cost the most when the disk was busiest: every pass
 //! writes (the fence's row lock), so even an empty pass waited for an fsync behind a cleanup
 //! batch's WAL and held back its loop's siblings.
+//!
+//! The three rescue statements, as they run, are in `tests/sql/rescue_*__rescue.snap`.
 
 use crate::in_one_round_trip;
 use crate::{
@@ -39,6 +41,8 @@ use tokio_postgres::types::{ToSql, Type};
 /// batch. The lock keeps those versions current until the update, so the update changes only
 /// row versions this statement locked after re-checking them; a locked version the statement's
 /// snapshot cannot see is left for the next pass.
+///
+/// The statements it builds are checked in as `tests/sql/<branch>__rescue.snap`.
 macro_rules! rescue_statement {
     (pick: $pick:literal, reason: $reason:literal, error: $error:literal, set: $set:literal $(,)?) => {
         concat!(

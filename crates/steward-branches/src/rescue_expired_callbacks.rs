@@ -5,6 +5,8 @@
 //! `Queue::resolve_callback` takes effect on a job: both change it only while it is
 //! `waiting_external`, re-checked under the row lock; a resolve that loses sees
 //! `CallbackNotPending`.
+//!
+//! The statement, as it runs, is in `tests/sql/rescue_expired_callbacks__rescue.snap`.
 
 use crate::rescue::{self, rescue_statement};
 use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};

@@ -3,6 +3,8 @@
 //! Such a job becomes `retryable` with the usual backoff, or `failed` once its attempts are used
 //! up, with a `deadline_expired` entry in its errors. Its worker, if still running it, loses its
 //! lease: the run is no longer `running`, and a new claim changes `run_lease`.
+//!
+//! The statement, as it runs, is in `tests/sql/rescue_expired_deadlines__rescue.snap`.
 
 use crate::rescue::{self, rescue_statement};
 use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};

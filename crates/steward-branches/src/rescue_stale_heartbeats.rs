@@ -4,6 +4,8 @@
 //! up (a job that keeps killing its worker must not cycle forever), with a `heartbeat_stale`
 //! entry in its errors. The worker, should it still be alive, loses its lease: the run is no
 //! longer `running`, and a new claim changes `run_lease`.
+//!
+//! The statement, as it runs, is in `tests/sql/rescue_stale_heartbeats__rescue.snap`.
 
 use crate::rescue::{self, rescue_statement};
 use crate::{

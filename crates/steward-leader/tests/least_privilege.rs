@@ -201,6 +201,9 @@ INSERT INTO cron_fires (schedule_name, fire_at, job_id, enqueued_at)
 VALUES ('lp-gone', now() - interval '30 days', 0, now() - interval '30 days');
 -- An archive partition past retention_days (14): rotate_archive drops it.
 SELECT create_archive_partition((now() AT TIME ZONE 'UTC')::date - 30);
+-- A hardened install revokes EXECUTE from PUBLIC: the role holds a grant of its own for every
+-- function a branch calls (fence, retry_backoff, wake_promoter, the partition functions).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA steward FROM PUBLIC;
 -- Outside Steward's schema.
 CREATE TABLE public.secrets (x int);
 INSERT INTO public.secrets VALUES (42);

@@ -99,20 +99,23 @@ pub enum Resolution {
 pub struct Queue {
     pool: Pool,
     retry: RetryPolicy,
-    due_channel: String,
 }
 
-/// The NOTIFY channel producers use to wake the promoter of `schema`.
+/// The NOTIFY channel that wakes the promoter of `schema`, where the promoter LISTENs. Producers
+/// do not name it: the schema's `wake_promoter` function sends on it (migration V8), and a test
+/// holds the two spellings together.
 pub fn due_channel(schema: &SchemaName) -> String {
     format!("{schema}_due")
 }
 
 impl Queue {
-    pub fn new(pool: Pool, schema: &SchemaName) -> Self {
+    /// `_schema` is the schema `pool`'s connections are pinned to. The statements do not need
+    /// it (they resolve through the pinned search_path, and `wake_promoter` knows its own
+    /// channel); it is kept so that callers need not change.
+    pub fn new(pool: Pool, _schema: &SchemaName) -> Self {
         Self {
             pool,
             retry: RetryPolicy::default(),
-            due_channel: due_channel(schema),
         }
     }
 
@@ -146,7 +149,6 @@ impl Queue {
                         &run_at,
                         &timeout_ms,
                         &job.unique_key,
-                        &self.due_channel,
                     ],
                 )
                 .await?;
@@ -206,7 +208,6 @@ impl Queue {
                     &run_ats,
                     &timeouts,
                     &unique_keys,
-                    &self.due_channel,
                 ],
             )
             .await?;

@@ -1,9 +1,9 @@
 //! Every statement the queue client runs, one per purpose, with the index it relies on.
 //! State literals are inlined (not parameters) so the planner can match the partial indexes.
 
-/// Single enqueue. Conflicts only on `jobs_unique_key_idx`. A scheduled job due before the
-/// promoter's own next wake-up (`leader.promote_wakeup_at`) sends a NOTIFY on channel $11 so the
-/// promoter wakes for it; other enqueues send nothing.
+/// Single enqueue. Conflicts only on `jobs_unique_key_idx`. A new scheduled job wakes the
+/// promoter when it is due before the promoter's own next wake-up (`wake_promoter`, migration
+/// V8); other enqueues send nothing. The second column is 1 when a NOTIFY was sent, else 0.
 pub const ENQUEUE: &str = "
 WITH ins AS (
     INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
@@ -15,10 +15,9 @@ WITH ins AS (
     DO NOTHING
     RETURNING id, state, run_at
 ), wake AS (
-    SELECT pg_notify($9, '') FROM ins, leader
-    WHERE ins.state = 'scheduled' AND leader.promote_wakeup_at > ins.run_at
+    SELECT wake_promoter(run_at) AS sent FROM ins WHERE state = 'scheduled'
 )
-SELECT id, (SELECT count(*) FROM wake) FROM ins";
+SELECT id, (SELECT count(*) FROM wake WHERE sent) FROM ins";
 
 /// The job holding a unique key (after ENQUEUE hit a conflict). Index: jobs_unique_key_idx.
 pub const FIND_UNIQUE: &str = "
@@ -26,7 +25,9 @@ SELECT id FROM jobs
 WHERE unique_key = $1 AND state NOT IN ('failed', 'cancelled')";
 
 /// Batch enqueue from parallel arrays in one statement (UNNEST). Duplicate unique keys are
-/// skipped. Same NOTIFY rule as ENQUEUE, on the earliest scheduled job of the batch.
+/// skipped. Same wake-up rule as ENQUEUE, applied once, to the earliest new scheduled job of the
+/// batch (`wake_promoter` of NULL, when there is none, sends nothing); each row's second column
+/// is 1 when a NOTIFY was sent, else 0.
 pub const ENQUEUE_BATCH: &str = "
 WITH ins AS (
     INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
@@ -41,10 +42,9 @@ WITH ins AS (
     DO NOTHING
     RETURNING id, state, run_at
 ), wake AS (
-    SELECT pg_notify($9, '') FROM leader
-    WHERE leader.promote_wakeup_at > (SELECT min(run_at) FROM ins WHERE state = 'scheduled')
+    SELECT wake_promoter(min(run_at)) AS sent FROM ins WHERE state = 'scheduled'
 )
-SELECT id, (SELECT count(*) FROM wake) FROM ins ORDER BY id";
+SELECT id, (SELECT count(*) FROM wake WHERE sent) FROM ins ORDER BY id";
 
 /// Claim: the next available jobs of one queue, by priority then due time, skipping rows other
 /// claimers hold. Index: jobs_claim_idx.

@@ -3,7 +3,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 /// What the maintenance process may do, and nothing more: the branches' reads and writes, the
-/// partition functions (which run as their owner), no DDL, no other schema.
+/// partition functions (which run as their owner), no DDL, no other schema. Every function it
+/// calls is granted by name, so that the role keeps working where EXECUTE is revoked from PUBLIC
+/// (cron_sync calls `wake_promoter`).
 const GRANTS: &str = "
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON {schema}.schema_history TO {role};
@@ -19,6 +21,7 @@ GRANT EXECUTE ON FUNCTION {schema}.retry_backoff(integer, double precision, doub
 GRANT EXECUTE ON FUNCTION {schema}.create_archive_partition(date) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.drop_archive_partitions_before(date) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.fence(bigint, text, text, boolean) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.wake_promoter(timestamptz) TO {role};
 ";
 
 #[derive(Debug, thiserror::Error)]
