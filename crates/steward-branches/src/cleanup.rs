@@ -29,12 +29,10 @@
 //! Batch commits do not wait for their WAL flush ([`Durability::Relaxed`]): a batch lost in a
 //! server crash leaves its jobs in `jobs`, past retention, and the next pass moves them again.
 
+use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::rotate_archive::LOCK_PARTITIONS;
-use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, Durability,
-    InvalidConfig, Outcome,
-};
+use crate::{Branch, BranchContext, BranchError, Class, Durability, InvalidConfig, Outcome};
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use serde::Deserialize;
@@ -240,34 +238,17 @@ pub struct RetentionOverride {
     pub cancelled: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    pub batch_size: i64,
-    /// Batches per (state, retention) group per run before yielding to the loop (the run then
-    /// asks to go again at once).
-    pub max_batches_per_run: u32,
-    /// Move finished jobs to `job_archive`; when false they are only deleted.
-    pub archive: bool,
-    pub retention: Retention,
-    /// Per-queue retention, e.g. `[branches.cleanup.queues.emails] completed = "1h"`.
-    pub queues: BTreeMap<String, RetentionOverride>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(30),
-            batch_size: 1000,
-            max_batches_per_run: 20,
-            archive: true,
-            retention: Retention::default(),
-            queues: BTreeMap::new(),
-        }
+branch_settings! {
+    /// Settings of `cleanup`. Batching is per (state, retention) group.
+    pub struct Config {
+        interval: Duration::from_secs(30),
+        batches: 1000, per_pass: 20,
+        checks: Config::own_problems,
+        /// Move finished jobs to `job_archive`; when false they are only deleted.
+        pub archive: bool = true,
+        pub retention: Retention = Retention::default(),
+        /// Per-queue retention, e.g. `[branches.cleanup.queues.emails] completed = "1h"`.
+        pub queues: BTreeMap<String, RetentionOverride> = BTreeMap::new(),
     }
 }
 
@@ -301,11 +282,8 @@ fn check_retention(key: String, value: Duration) -> Result<(), InvalidConfig> {
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut checks = vec![
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-        ];
+    fn own_problems(&self) -> Vec<InvalidConfig> {
+        let mut checks = Vec::new();
         for state in Terminal::ALL {
             checks.push(check_retention(
                 format!("retention.{}", state.as_str()),
@@ -329,15 +307,7 @@ impl Config {
                 }
             }
         }
-        let mut problems: Vec<InvalidConfig> = checks.into_iter().filter_map(Result::err).collect();
-        if self.max_batches_per_run == 0 {
-            problems.push(InvalidConfig::new(
-                "max_batches_per_run",
-                0,
-                "must be at least 1",
-            ));
-        }
-        problems
+        checks.into_iter().filter_map(Result::err).collect()
     }
 }
 
@@ -628,7 +598,7 @@ impl Cleanup {
 #[async_trait]
 impl Branch for Cleanup {
     fn name(&self) -> &'static str {
-        "cleanup"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

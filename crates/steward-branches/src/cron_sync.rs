@@ -9,9 +9,9 @@
 //! run the branch. Schedules that cannot be used (bad expression, unknown time zone...) are
 //! skipped and reported; they never stop the others.
 
+use crate::config::branch_settings;
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig,
-    Observation, Outcome,
+    check_batch, Branch, BranchContext, BranchError, Class, InvalidConfig, Observation, Outcome,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -188,41 +188,26 @@ impl ScheduleConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    /// Fires up to now + lookahead are enqueued ahead of time as scheduled jobs.
-    #[serde(with = "humantime_serde")]
-    pub lookahead: Duration,
-    /// Fires missed while no leader ran are still enqueued if no older than this.
-    #[serde(with = "humantime_serde")]
-    pub catch_up: Duration,
-    /// Fire records (by when they were enqueued) older than this are deleted.
-    #[serde(with = "humantime_serde")]
-    pub fire_retention: Duration,
-    /// Fires enqueued per schedule per pass; the pass asks to run again at once when a
-    /// schedule had more, so a per-second expression cannot flood one transaction.
-    pub max_fires_per_pass: i64,
-    /// Fire records deleted per pass.
-    pub prune_batch_size: i64,
-    pub schedules: Vec<ScheduleConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(10),
-            lookahead: Duration::from_secs(5 * 60),
-            catch_up: Duration::from_secs(10 * 60),
-            fire_retention: Duration::from_secs(7 * 86_400),
-            max_fires_per_pass: 1000,
-            prune_batch_size: 10_000,
-            schedules: Vec::new(),
-        }
+branch_settings! {
+    /// Settings of `cron_sync`.
+    pub struct Config {
+        interval: Duration::from_secs(10),
+        checks: Config::own_problems,
+        /// Fires up to now + lookahead are enqueued ahead of time as scheduled jobs.
+        #[serde(with = "humantime_serde")]
+        pub lookahead: Duration = Duration::from_secs(5 * 60),
+        /// Fires missed while no leader ran are still enqueued if no older than this.
+        #[serde(with = "humantime_serde")]
+        pub catch_up: Duration = Duration::from_secs(10 * 60),
+        /// Fire records (by when they were enqueued) older than this are deleted.
+        #[serde(with = "humantime_serde")]
+        pub fire_retention: Duration = Duration::from_secs(7 * 86_400),
+        /// Fires enqueued per schedule per pass; the pass asks to run again at once when a
+        /// schedule had more, so a per-second expression cannot flood one transaction.
+        pub max_fires_per_pass: i64 = 1000,
+        /// Fire records deleted per pass.
+        pub prune_batch_size: i64 = 10_000,
+        pub schedules: Vec<ScheduleConfig> = Vec::new(),
     }
 }
 
@@ -230,9 +215,8 @@ const MAX_LOOKAHEAD: Duration = Duration::from_secs(86_400);
 const MAX_CATCH_UP: Duration = Duration::from_secs(7 * 86_400);
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
+    fn own_problems(&self) -> Vec<InvalidConfig> {
         let mut problems: Vec<InvalidConfig> = [
-            check_interval("interval", self.interval),
             check_batch("max_fires_per_pass", self.max_fires_per_pass),
             check_batch("prune_batch_size", self.prune_batch_size),
         ]
@@ -466,7 +450,7 @@ fn skip(observations: &mut Vec<Observation>, name: &str, reason: String) {
 #[async_trait]
 impl Branch for CronSync {
     fn name(&self) -> &'static str {
-        "cron_sync"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

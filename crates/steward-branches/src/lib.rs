@@ -9,6 +9,8 @@
 //! `SKIP LOCKED`, state re-checks, unique keys), not only because of the election.
 
 pub mod cleanup;
+mod config;
+pub use config::{check_batch, check_interval, Batching, BranchSettings, InvalidConfig};
 pub mod cron_sync;
 pub mod priority_aging;
 pub mod promote_scheduled;
@@ -358,102 +360,71 @@ impl BranchError {
     }
 }
 
-/// Every branch's settings. Unknown keys are rejected, so a typo is an error, not a default.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BranchesConfig {
-    pub promote_scheduled: promote_scheduled::Config,
-    pub rescue_stale_heartbeats: rescue_stale_heartbeats::Config,
-    pub rescue_expired_deadlines: rescue_expired_deadlines::Config,
-    pub rescue_expired_callbacks: rescue_expired_callbacks::Config,
-    pub cleanup: cleanup::Config,
-    pub cron_sync: cron_sync::Config,
-    pub queue_stats: queue_stats::Config,
-    pub refresh_admin_metadata: refresh_admin_metadata::Config,
-    pub recompute_dirty_admin_metadata: recompute_dirty_admin_metadata::Config,
-    pub priority_aging: priority_aging::Config,
-    pub rotate_archive: rotate_archive::Config,
-}
-
-/// A configuration value that cannot work, named by its key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value {value} for {key}: {reason}")]
-pub struct InvalidConfig {
-    pub key: String,
-    pub value: String,
-    pub reason: String,
-}
-
-impl InvalidConfig {
-    pub fn new(key: impl Into<String>, value: impl fmt::Debug, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            value: format!("{value:?}"),
-            reason: reason.into(),
+/// The branches, each as `module => Type`: the module's name is the branch's name (in
+/// configuration, metrics, logs and `branch_health`), and the module holds its `Config` (see
+/// [`branch_settings!`](config)) and its [`Branch`] impl, built with `Type::new(Config)`.
+/// Adding a branch is its module plus one line here.
+macro_rules! registry {
+    ($($module:ident => $branch:ident),+ $(,)?) => {
+        /// Every branch's settings, under `branches.<name>`. Unknown keys are rejected, so a
+        /// typo is an error, not a default.
+        #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct BranchesConfig {
+            $(pub $module: $module::Config,)+
         }
-    }
+
+        /// Every branch's name, in the order they are built.
+        pub const NAMES: &[&str] = &[$(stringify!($module)),+];
+
+        $(impl $module::$branch {
+            pub const NAME: &'static str = stringify!($module);
+        })+
+
+        impl BranchesConfig {
+            /// Every problem at once, each naming its key (e.g. `branches.cleanup.batch_size`).
+            pub fn validate(&self) -> Vec<InvalidConfig> {
+                let mut problems = Vec::new();
+                $(problems.extend(
+                    self.$module
+                        .problems()
+                        .into_iter()
+                        .map(|p| p.under(concat!("branches.", stringify!($module)))),
+                );)+
+                problems.extend(self.across_branches());
+                problems
+            }
+
+            /// Every enabled branch.
+            pub fn build(&self) -> Vec<Arc<dyn Branch>> {
+                let mut branches: Vec<Arc<dyn Branch>> = Vec::new();
+                $(if self.$module.enabled() {
+                    branches.push(Arc::new($module::$branch::new(self.$module.clone())));
+                })+
+                branches
+            }
+        }
+    };
 }
 
-/// Checks an interval: positive and at most a day.
-pub fn check_interval(key: &str, value: Duration) -> Result<(), InvalidConfig> {
-    if value.is_zero() || value > Duration::from_secs(86_400) {
-        return Err(InvalidConfig::new(
-            key,
-            value,
-            "must be between 1ms and 24h",
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a batch size: 1 to 100,000 rows.
-pub fn check_batch(key: &str, value: i64) -> Result<(), InvalidConfig> {
-    if !(1..=100_000).contains(&value) {
-        return Err(InvalidConfig::new(
-            key,
-            value,
-            "must be between 1 and 100000",
-        ));
-    }
-    Ok(())
+registry! {
+    promote_scheduled => PromoteScheduled,
+    rescue_stale_heartbeats => RescueStaleHeartbeats,
+    rescue_expired_deadlines => RescueExpiredDeadlines,
+    rescue_expired_callbacks => RescueExpiredCallbacks,
+    cleanup => Cleanup,
+    cron_sync => CronSync,
+    queue_stats => QueueStats,
+    refresh_admin_metadata => RefreshAdminMetadata,
+    recompute_dirty_admin_metadata => RecomputeDirtyAdminMetadata,
+    priority_aging => PriorityAging,
+    rotate_archive => RotateArchive,
 }
 
 impl BranchesConfig {
-    /// Every problem at once, each naming its key (e.g. `branches.cleanup.batch_size`).
-    pub fn validate(&self) -> Vec<InvalidConfig> {
+    /// Rules between branches' settings.
+    fn across_branches(&self) -> Vec<InvalidConfig> {
         let mut problems = Vec::new();
-        let mut check = |prefix: &str, result: Vec<InvalidConfig>| {
-            problems.extend(result.into_iter().map(|mut p| {
-                p.key = format!("branches.{prefix}.{}", p.key);
-                p
-            }))
-        };
-        check("promote_scheduled", self.promote_scheduled.validate());
-        check(
-            "rescue_stale_heartbeats",
-            self.rescue_stale_heartbeats.validate(),
-        );
-        check(
-            "rescue_expired_deadlines",
-            self.rescue_expired_deadlines.validate(),
-        );
-        check(
-            "rescue_expired_callbacks",
-            self.rescue_expired_callbacks.validate(),
-        );
-        check("cleanup", self.cleanup.validate());
-        check("cron_sync", self.cron_sync.validate());
-        check("queue_stats", self.queue_stats.validate());
-        check(
-            "refresh_admin_metadata",
-            self.refresh_admin_metadata.validate(),
-        );
-        check(
-            "recompute_dirty_admin_metadata",
-            self.recompute_dirty_admin_metadata.validate(),
-        );
-        check("priority_aging", self.priority_aging.validate());
-        check("rotate_archive", self.rotate_archive.validate());
         // Archived jobs live in day partitions that rotate_archive drops after retention_days:
         // a longer cleanup retention would archive into partitions that are already expired.
         if self.cleanup.enabled && self.cleanup.archive && self.rotate_archive.enabled {
@@ -472,78 +443,6 @@ impl BranchesConfig {
             }
         }
         problems
-    }
-
-    /// Every enabled branch.
-    pub fn build(&self) -> Vec<Arc<dyn Branch>> {
-        let all: Vec<(bool, Arc<dyn Branch>)> = vec![
-            (
-                self.promote_scheduled.enabled,
-                Arc::new(promote_scheduled::PromoteScheduled::new(
-                    self.promote_scheduled.clone(),
-                )),
-            ),
-            (
-                self.rescue_stale_heartbeats.enabled,
-                Arc::new(rescue_stale_heartbeats::RescueStaleHeartbeats::new(
-                    self.rescue_stale_heartbeats.clone(),
-                )),
-            ),
-            (
-                self.rescue_expired_deadlines.enabled,
-                Arc::new(rescue_expired_deadlines::RescueExpiredDeadlines::new(
-                    self.rescue_expired_deadlines.clone(),
-                )),
-            ),
-            (
-                self.rescue_expired_callbacks.enabled,
-                Arc::new(rescue_expired_callbacks::RescueExpiredCallbacks::new(
-                    self.rescue_expired_callbacks.clone(),
-                )),
-            ),
-            (
-                self.cleanup.enabled,
-                Arc::new(cleanup::Cleanup::new(self.cleanup.clone())),
-            ),
-            (
-                self.cron_sync.enabled,
-                Arc::new(cron_sync::CronSync::new(self.cron_sync.clone())),
-            ),
-            (
-                self.queue_stats.enabled,
-                Arc::new(queue_stats::QueueStats::new(self.queue_stats.clone())),
-            ),
-            (
-                self.refresh_admin_metadata.enabled,
-                Arc::new(refresh_admin_metadata::RefreshAdminMetadata::new(
-                    self.refresh_admin_metadata.clone(),
-                )),
-            ),
-            (
-                self.recompute_dirty_admin_metadata.enabled,
-                Arc::new(
-                    recompute_dirty_admin_metadata::RecomputeDirtyAdminMetadata::new(
-                        self.recompute_dirty_admin_metadata.clone(),
-                    ),
-                ),
-            ),
-            (
-                self.priority_aging.enabled,
-                Arc::new(priority_aging::PriorityAging::new(
-                    self.priority_aging.clone(),
-                )),
-            ),
-            (
-                self.rotate_archive.enabled,
-                Arc::new(rotate_archive::RotateArchive::new(
-                    self.rotate_archive.clone(),
-                )),
-            ),
-        ];
-        all.into_iter()
-            .filter(|(enabled, _)| *enabled)
-            .map(|(_, b)| b)
-            .collect()
     }
 }
 
@@ -580,10 +479,27 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid_and_every_branch_is_built() {
+    fn defaults_are_valid_and_every_branch_is_built_under_its_name() {
         let config = BranchesConfig::default();
         assert_eq!(config.validate(), vec![]);
         let names: Vec<&str> = config.build().iter().map(|b| b.name()).collect();
-        assert_eq!(names.len(), 11, "{names:?}");
+        assert_eq!(names, NAMES);
+    }
+
+    #[test]
+    fn common_settings_are_checked_under_the_branch_key() {
+        let mut config = BranchesConfig::default();
+        config.queue_stats.interval = Duration::ZERO;
+        config.priority_aging.max_batches_per_run = 0;
+        config.rescue_expired_callbacks.retry.jitter = 2.0;
+        let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "branches.rescue_expired_callbacks.retry.jitter",
+                "branches.queue_stats.interval",
+                "branches.priority_aging.max_batches_per_run",
+            ]
+        );
     }
 }

@@ -3,11 +3,9 @@
 //! age_step⌋). Only rows above that target change, so a pass repeated at once changes nothing.
 //! Batches of `batch_size`, oldest first, each one short fenced transaction.
 
-use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
-};
+use crate::config::branch_settings;
+use crate::{Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 
 /// Raises up to $2 available jobs whose priority is above their target for an age step of $1
@@ -31,58 +29,30 @@ WHERE j.ctid = ANY(ARRAY(
     LIMIT $2
     FOR UPDATE SKIP LOCKED))";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    pub batch_size: i64,
-    /// Batches per run before yielding to the loop (the run then asks to go again at once).
-    pub max_batches_per_run: u32,
-    /// Waiting this long raises a job's priority by one level.
-    #[serde(with = "humantime_serde")]
-    pub age_step: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(60),
-            batch_size: 1000,
-            max_batches_per_run: 10,
-            age_step: Duration::from_secs(300),
-        }
+branch_settings! {
+    /// Settings of `priority_aging`.
+    pub struct Config {
+        interval: Duration::from_secs(60),
+        batches: 1000, per_pass: 10,
+        checks: Config::own_problems,
+        /// Waiting this long raises a job's priority by one level.
+        #[serde(with = "humantime_serde")]
+        pub age_step: Duration = Duration::from_secs(300),
     }
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut problems: Vec<InvalidConfig> = [
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-        if self.max_batches_per_run == 0 {
-            problems.push(InvalidConfig::new(
-                "max_batches_per_run",
-                0,
-                "must be at least 1",
-            ));
-        }
+    fn own_problems(&self) -> Vec<InvalidConfig> {
         // Below a second, priorities would collapse to 1 almost at once: aging would be moot.
         if self.age_step < Duration::from_secs(1) || self.age_step > Duration::from_secs(7 * 86_400)
         {
-            problems.push(InvalidConfig::new(
+            return vec![InvalidConfig::new(
                 "age_step",
                 self.age_step,
                 "must be between 1s and 7 days",
-            ));
+            )];
         }
-        problems
+        Vec::new()
     }
 }
 
@@ -99,7 +69,7 @@ impl PriorityAging {
 #[async_trait]
 impl Branch for PriorityAging {
     fn name(&self) -> &'static str {
-        "priority_aging"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

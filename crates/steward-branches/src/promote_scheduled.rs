@@ -13,13 +13,12 @@
 //! The statements, as they run, are in `tests/sql/promote_scheduled__promote.snap` and
 //! `tests/sql/promote_scheduled__plan_wakeup.snap`.
 
+use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, Durability,
-    InvalidConfig, Observation, Outcome,
+    Branch, BranchContext, BranchError, Class, Durability, InvalidConfig, Observation, Outcome,
 };
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 use steward_connection::SchemaName;
 use tokio_postgres::types::Type;
@@ -56,60 +55,31 @@ WITH next AS (
 )
 SELECT sleep FROM next";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    pub batch_size: i64,
-    /// Batches per run before yielding to the loop (the run then asks to go again at once).
-    pub max_batches_per_run: u32,
-    /// The earliest-due wake-up never fires sooner than this after a run.
-    #[serde(with = "humantime_serde")]
-    pub min_wake_gap: Duration,
-    /// Sleeps shorter than this are not published for producers (no NOTIFY would help).
-    #[serde(with = "humantime_serde")]
-    pub publish_threshold: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_millis(250),
-            batch_size: 4096,
-            max_batches_per_run: 8,
-            min_wake_gap: Duration::from_millis(1),
-            publish_threshold: Duration::from_millis(10),
-        }
+branch_settings! {
+    /// Settings of `promote_scheduled`.
+    pub struct Config {
+        interval: Duration::from_millis(250),
+        batches: 4096, per_pass: 8,
+        checks: Config::own_problems,
+        /// The earliest-due wake-up never fires sooner than this after a run.
+        #[serde(with = "humantime_serde")]
+        pub min_wake_gap: Duration = Duration::from_millis(1),
+        /// Sleeps shorter than this are not published for producers (no NOTIFY would help).
+        #[serde(with = "humantime_serde")]
+        pub publish_threshold: Duration = Duration::from_millis(10),
     }
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut problems: Vec<InvalidConfig> = [
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-        if self.max_batches_per_run == 0 {
-            problems.push(InvalidConfig::new(
-                "max_batches_per_run",
-                0,
-                "must be at least 1",
-            ));
-        }
+    fn own_problems(&self) -> Vec<InvalidConfig> {
         if self.min_wake_gap > self.interval {
-            problems.push(InvalidConfig::new(
+            return vec![InvalidConfig::new(
                 "min_wake_gap",
                 self.min_wake_gap,
                 "must not exceed the interval",
-            ));
+            )];
         }
-        problems
+        Vec::new()
     }
 }
 
@@ -126,7 +96,7 @@ impl PromoteScheduled {
 #[async_trait]
 impl Branch for PromoteScheduled {
     fn name(&self) -> &'static str {
-        "promote_scheduled"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

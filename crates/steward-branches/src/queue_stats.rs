@@ -7,11 +7,9 @@
 //! gauges fed by the observations drop to zero instead of keeping their last value.
 //! `rows` counts snapshot rows whose depth changed (inserted, updated or deleted).
 
-use crate::{
-    check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Observation, Outcome,
-};
+use crate::config::branch_settings;
+use crate::{Branch, BranchContext, BranchError, Class, Observation, Outcome};
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 use steward_queue::JobState;
 
@@ -59,29 +57,10 @@ FROM depth d LEFT JOIN queue_stats p ON p.queue = d.queue AND p.state = d.state
 UNION ALL
 SELECT queue, state::text, 0, CASE WHEN state = 'available' THEN 0::float8 END, true FROM removed";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        check_interval("interval", self.interval)
-            .err()
-            .into_iter()
-            .collect()
+branch_settings! {
+    /// Settings of `queue_stats`.
+    pub struct Config {
+        interval: Duration::from_secs(10),
     }
 }
 
@@ -98,7 +77,7 @@ impl QueueStats {
 #[async_trait]
 impl Branch for QueueStats {
     fn name(&self) -> &'static str {
-        "queue_stats"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

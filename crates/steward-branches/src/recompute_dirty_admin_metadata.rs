@@ -16,12 +16,10 @@
 //! from contending on its `dirty_queues` row. `rows` counts `queue_counts` rows whose count
 //! changed.
 
+use crate::config::branch_settings;
 use crate::refresh_admin_metadata::Counts;
-use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
-};
+use crate::{check_batch, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 
 /// Takes up to $1 dirty queues, longest dirty first, skipping rows another recompute holds.
@@ -44,35 +42,22 @@ SELECT statement_timestamp(),
 FROM (SELECT queue, state, count(*) AS n FROM jobs WHERE queue = ANY($1::text[])
       GROUP BY queue, state) counted";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    /// Queues recounted per pass; a full batch makes the pass ask to run again at once.
-    pub batch_size: i64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(2),
-            batch_size: 100,
-        }
+branch_settings! {
+    /// Settings of `recompute_dirty_admin_metadata`.
+    pub struct Config {
+        interval: Duration::from_secs(2),
+        checks: Config::own_problems,
+        /// Queues recounted per pass; a full batch makes the pass ask to run again at once.
+        pub batch_size: i64 = 100,
     }
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        [
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect()
+    fn own_problems(&self) -> Vec<InvalidConfig> {
+        check_batch("batch_size", self.batch_size)
+            .err()
+            .into_iter()
+            .collect()
     }
 }
 
@@ -89,7 +74,7 @@ impl RecomputeDirtyAdminMetadata {
 #[async_trait]
 impl Branch for RecomputeDirtyAdminMetadata {
     fn name(&self) -> &'static str {
-        "recompute_dirty_admin_metadata"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

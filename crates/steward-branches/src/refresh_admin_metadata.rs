@@ -9,10 +9,10 @@
 //! recount of a queue. `rows` counts `queue_counts` rows whose count changed (inserted,
 //! updated or deleted).
 
-use crate::{check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
+use crate::config::branch_settings;
+use crate::{Branch, BranchContext, BranchError, Class, Outcome};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use std::time::Duration;
 use tokio_postgres::Transaction;
 
@@ -102,29 +102,10 @@ impl Counts {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        check_interval("interval", self.interval)
-            .err()
-            .into_iter()
-            .collect()
+branch_settings! {
+    /// Settings of `refresh_admin_metadata`.
+    pub struct Config {
+        interval: Duration::from_secs(60),
     }
 }
 
@@ -141,7 +122,7 @@ impl RefreshAdminMetadata {
 #[async_trait]
 impl Branch for RefreshAdminMetadata {
     fn name(&self) -> &'static str {
-        "refresh_admin_metadata"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

@@ -15,10 +15,10 @@
 //!
 //! The three rescue statements, as they run, are in `tests/sql/rescue_*__rescue.snap`.
 
+use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::{
-    check_batch, check_interval, BranchContext, BranchError, Durability, InvalidConfig,
-    Observation, Outcome, RescueReason,
+    BranchContext, BranchError, Durability, InvalidConfig, Observation, Outcome, RescueReason,
 };
 use serde::Deserialize;
 use std::time::Duration;
@@ -138,20 +138,12 @@ impl RetryConfig {
     }
 }
 
-/// Checks the settings every rescue has besides interval and batch size.
-pub fn check_common(
-    max_batches_per_run: u32,
+/// Checks the settings every rescue has besides interval and batching.
+pub fn check_quiet_period_and_retry(
     quiet_period: Duration,
     retry: &RetryConfig,
 ) -> Vec<InvalidConfig> {
     let mut problems = Vec::new();
-    if max_batches_per_run == 0 {
-        problems.push(InvalidConfig::new(
-            "max_batches_per_run",
-            0,
-            "must be at least 1",
-        ));
-    }
     if quiet_period > Duration::from_secs(86_400) {
         problems.push(InvalidConfig::new(
             "quiet_period",
@@ -221,51 +213,24 @@ pub async fn run_batches(
     })
 }
 
-/// Settings of the rescues that act on an expired time (deadlines, callback timeouts).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ExpiryRescueConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    pub batch_size: i64,
-    /// Batches per run before yielding to the loop (the run then asks to go again at once).
-    pub max_batches_per_run: u32,
-    /// How long the leader holds this branch back after a term starts or the database comes
-    /// back, so that workers and callers who could not reach it during an outage get a chance to.
-    #[serde(with = "humantime_serde")]
-    pub quiet_period: Duration,
-    pub retry: RetryConfig,
-}
-
-impl Default for ExpiryRescueConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(1),
-            batch_size: 1000,
-            max_batches_per_run: 10,
-            quiet_period: Duration::from_secs(30),
-            retry: RetryConfig::default(),
-        }
+branch_settings! {
+    /// Settings of the rescues that act on an expired time (deadlines, callback timeouts).
+    pub struct ExpiryRescueConfig {
+        interval: Duration::from_secs(1),
+        batches: 1000, per_pass: 10,
+        checks: ExpiryRescueConfig::own_problems,
+        /// How long the leader holds this branch back after a term starts or the database
+        /// comes back, so that workers and callers who could not reach it during an outage get
+        /// a chance to.
+        #[serde(with = "humantime_serde")]
+        pub quiet_period: Duration = Duration::from_secs(30),
+        pub retry: RetryConfig = RetryConfig::default(),
     }
 }
 
 impl ExpiryRescueConfig {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut problems: Vec<InvalidConfig> = [
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-        ]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-        problems.extend(check_common(
-            self.max_batches_per_run,
-            self.quiet_period,
-            &self.retry,
-        ));
-        problems
+    fn own_problems(&self) -> Vec<InvalidConfig> {
+        check_quiet_period_and_retry(self.quiet_period, &self.retry)
     }
 }
 
@@ -300,8 +265,9 @@ mod tests {
         };
         let keys: Vec<String> = bad.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(keys, ["retry.base", "retry.max", "retry.jitter"]);
-        let problems = check_common(0, Duration::from_secs(100_000), &RetryConfig::default());
+        let problems =
+            check_quiet_period_and_retry(Duration::from_secs(100_000), &RetryConfig::default());
         let keys: Vec<String> = problems.into_iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["max_batches_per_run", "quiet_period"]);
+        assert_eq!(keys, ["quiet_period"]);
     }
 }

@@ -45,7 +45,7 @@ impl RescueExpiredCallbacks {
 #[async_trait]
 impl Branch for RescueExpiredCallbacks {
     fn name(&self) -> &'static str {
-        "rescue_expired_callbacks"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

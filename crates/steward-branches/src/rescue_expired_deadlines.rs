@@ -40,7 +40,7 @@ impl RescueExpiredDeadlines {
 #[async_trait]
 impl Branch for RescueExpiredDeadlines {
     fn name(&self) -> &'static str {
-        "rescue_expired_deadlines"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

@@ -7,13 +7,12 @@
 //!
 //! The statement, as it runs, is in `tests/sql/rescue_stale_heartbeats__rescue.snap`.
 
+use crate::config::branch_settings;
 use crate::rescue::{self, rescue_statement};
 use crate::{
-    check_batch, check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
-    RescueReason,
+    check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome, RescueReason,
 };
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 use tokio_postgres::types::Type;
 
@@ -31,53 +30,32 @@ pub const RESCUE: &str = rescue_statement!(
     set: "",
 );
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    pub batch_size: i64,
-    /// Batches per run before yielding to the loop (the run then asks to go again at once).
-    pub max_batches_per_run: u32,
-    /// A running job whose heartbeat is older than this is rescued: three missed beats of a
-    /// worker heartbeating every 10 s.
-    #[serde(with = "humantime_serde")]
-    pub staleness: Duration,
-    /// How long the leader holds this branch back after a term starts or the database comes
-    /// back. Unset: the staleness, so that every live worker has had a full window to
-    /// heartbeat again before anyone is taken for dead.
-    #[serde(with = "humantime_serde")]
-    pub quiet_period: Option<Duration>,
-    pub retry: RetryConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(5),
-            batch_size: 1000,
-            max_batches_per_run: 10,
-            staleness: Duration::from_secs(30),
-            quiet_period: None,
-            retry: RetryConfig::default(),
-        }
+branch_settings! {
+    /// Settings of `rescue_stale_heartbeats`.
+    pub struct Config {
+        interval: Duration::from_secs(5),
+        batches: 1000, per_pass: 10,
+        checks: Config::own_problems,
+        /// A running job whose heartbeat is older than this is rescued: three missed beats of
+        /// a worker heartbeating every 10 s.
+        #[serde(with = "humantime_serde")]
+        pub staleness: Duration = Duration::from_secs(30),
+        /// How long the leader holds this branch back after a term starts or the database
+        /// comes back. Unset: the staleness, so that every live worker has had a full window
+        /// to heartbeat again before anyone is taken for dead.
+        #[serde(with = "humantime_serde")]
+        pub quiet_period: Option<Duration> = None,
+        pub retry: RetryConfig = RetryConfig::default(),
     }
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut problems: Vec<InvalidConfig> = [
-            check_interval("interval", self.interval),
-            check_batch("batch_size", self.batch_size),
-            check_interval("staleness", self.staleness),
-        ]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-        problems.extend(rescue::check_common(
-            self.max_batches_per_run,
+    fn own_problems(&self) -> Vec<InvalidConfig> {
+        let mut problems: Vec<InvalidConfig> = check_interval("staleness", self.staleness)
+            .err()
+            .into_iter()
+            .collect();
+        problems.extend(rescue::check_quiet_period_and_retry(
             self.effective_quiet_period(),
             &self.retry,
         ));
@@ -103,7 +81,7 @@ impl RescueStaleHeartbeats {
 #[async_trait]
 impl Branch for RescueStaleHeartbeats {
     fn name(&self) -> &'static str {
-        "rescue_stale_heartbeats"
+        Self::NAME
     }
 
     fn class(&self) -> Class {

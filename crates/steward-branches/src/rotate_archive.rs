@@ -8,9 +8,9 @@
 //! retention longer than the archive's) are created again by `cleanup` and dropped again here:
 //! keep `retention_days` above every cleanup retention.
 
-use crate::{check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
+use crate::config::branch_settings;
+use crate::{Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome};
 use async_trait::async_trait;
-use serde::Deserialize;
 use std::time::Duration;
 
 /// Serializes everyone who creates or drops archive partitions (this branch and `cleanup`):
@@ -33,35 +33,21 @@ FROM generate_series(0, $1::int4) AS g";
 pub const DROP_EXPIRED: &str = "
 SELECT drop_archive_partitions_before((now() AT TIME ZONE 'UTC')::date - $1::int4)::int8";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    /// Partitions are created for today and this many days after it.
-    pub days_ahead: i32,
-    /// Archived jobs are kept for this many whole days, then their partitions are dropped.
-    pub retention_days: i32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(3600),
-            days_ahead: 3,
-            retention_days: 14,
-        }
+branch_settings! {
+    /// Settings of `rotate_archive`.
+    pub struct Config {
+        interval: Duration::from_secs(3600),
+        checks: Config::own_problems,
+        /// Partitions are created for today and this many days after it.
+        pub days_ahead: i32 = 3,
+        /// Archived jobs are kept for this many whole days, then their partitions are dropped.
+        pub retention_days: i32 = 14,
     }
 }
 
 impl Config {
-    pub fn validate(&self) -> Vec<InvalidConfig> {
-        let mut problems: Vec<InvalidConfig> = check_interval("interval", self.interval)
-            .err()
-            .into_iter()
-            .collect();
+    fn own_problems(&self) -> Vec<InvalidConfig> {
+        let mut problems = Vec::new();
         if !(0..=90).contains(&self.days_ahead) {
             problems.push(InvalidConfig::new(
                 "days_ahead",
@@ -94,7 +80,7 @@ impl RotateArchive {
 #[async_trait]
 impl Branch for RotateArchive {
     fn name(&self) -> &'static str {
-        "rotate_archive"
+        Self::NAME
     }
 
     fn class(&self) -> Class {
