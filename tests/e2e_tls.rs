@@ -159,7 +159,7 @@ fn verify_full_works_and_every_session_of_a_leader_is_encrypted() {
     });
     assert!(
         total >= 4,
-        "leader, two loops and the health writer at least: {total}"
+        "the leader session, at least two loops and the health writer: {total}"
     );
     assert_eq!(encrypted, total, "every Steward session uses TLS");
     drop(leader);

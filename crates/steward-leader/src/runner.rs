@@ -466,10 +466,9 @@ fn effective_due(slot: &Slot, contact_anchor: Instant) -> Instant {
 
 /// Spreads the rescues of one loop over their interval: the k-th of m branches with a quiet
 /// period gets k/m of its interval as its phase; other branches get none. Rescues leave their
-/// quiet period at the same moment, and each is next due one interval after it started, so
-/// without phases they stay in step: every interval they came due together and queued behind
-/// one another (a callbacks rescue waited out the heartbeat and deadline passes, up to 25 ms
-/// under load in the isolation benchmark, though each pass is short).
+/// quiet period at the same moment and each is next due one interval after it started, so
+/// without phases they would stay in step, come due together every interval and queue behind
+/// one another.
 fn phases(branches: &[Arc<dyn Branch>]) -> Vec<Duration> {
     let rescues = branches
         .iter()

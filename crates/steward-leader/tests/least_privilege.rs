@@ -363,16 +363,25 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
     // The term started as the role: epoch recorded, the term logged, health written.
     let epoch = *recorder.acquired.lock().unwrap().first().expect("elected");
     assert!(epoch >= 1);
-    let row = admin
+    let status = steward_leader::status::read(&admin, db.schema())
+        .await
+        .unwrap();
+    let leader = status
+        .leader
+        .expect("the lock is held and the term recorded");
+    assert_eq!(
+        (leader.epoch, leader.instance.as_str()),
+        (epoch, candidate.instance())
+    );
+    let backend_recorded: bool = admin
         .query_one(
-            "SELECT epoch, instance, backend_pid IS NOT NULL FROM leader WHERE id = 1",
+            "SELECT backend_pid IS NOT NULL FROM leader WHERE id = 1",
             &[],
         )
         .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), epoch);
-    assert_eq!(row.get::<_, String>(1), candidate.instance());
-    assert!(row.get::<_, bool>(2));
+        .unwrap()
+        .get(0);
+    assert!(backend_recorded);
     let terms: i64 = admin
         .query_one(
             "SELECT count(*) FROM leader_terms WHERE epoch = $1 AND instance = $2",
@@ -382,15 +391,30 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
         .unwrap()
         .get(0);
     assert_eq!(terms, 1);
-    until(
-        &admin,
-        "branch_health: a row with a success for each branch",
-        &format!(
-            "SELECT count(*) = {} FROM branch_health WHERE epoch = {epoch} AND last_success_at IS NOT NULL",
-            steward_branches::NAMES.len()
-        ),
-    )
-    .await;
+    // Health written: a success of every branch in this term, as `steward status` reads it.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = steward_leader::status::read(&admin, db.schema())
+            .await
+            .unwrap();
+        let succeeded: Vec<&str> = status
+            .branches
+            .iter()
+            .filter(|b| b.epoch == epoch && b.last_success_at.is_some())
+            .map(|b| b.branch.as_str())
+            .collect();
+        if steward_branches::NAMES
+            .iter()
+            .all(|n| succeeded.contains(n))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "branch_health has successes of {succeeded:?} only"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Every one of the candidate's sessions is the role's.
     let sessions = admin
         .query(

@@ -57,7 +57,7 @@ fn print_table(status: &Status) {
     }
     println!();
     println!(
-        "{:<31} {:<8} {:>9} {:>11} {:>11} {:>8} {:>9} {:>8} {:>7}  last error",
+        "{:<31} {:<17} {:>9} {:>11} {:>11} {:>8} {:>9} {:>8} {:>7}  last error",
         "branch",
         "loop",
         "last run",
@@ -81,7 +81,7 @@ fn print_table(status: &Status) {
         let error = b.last_error.as_deref().unwrap_or("");
         let error: String = error.chars().take(60).collect();
         println!(
-            "{:<31} {:<8} {:>9} {:>11} {:>11} {:>8} {:>9} {:>8} {:>7}  {}",
+            "{:<31} {:<17} {:>9} {:>11} {:>11} {:>8} {:>9} {:>8} {:>7}  {}",
             b.branch,
             b.loop_name,
             ago,
