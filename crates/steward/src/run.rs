@@ -22,7 +22,8 @@ pub struct RunArgs {
     /// TOML configuration file.
     #[arg(long, env = "STEWARD_CONFIG")]
     config: Option<PathBuf>,
-    /// split: SLO and hygiene branches on separate tasks and connections; monolithic: one loop.
+    /// split: SLO and hygiene branches (and the promoter) on loops and connections of their own;
+    /// monolithic: every branch on one loop.
     #[arg(long, env = "STEWARD_LOOP_MODE")]
     loop_mode: Option<LoopMode>,
     /// Override any setting, e.g. --set branches.cleanup.batch_size=500 (repeatable).
