@@ -4,6 +4,7 @@
 //! for each rescue as `conformance::<rescue>::<case>`, so a failure names the rescue. Cases that
 //! only one rescue has live in the module named after it (`stale_heartbeats::...`).
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -366,25 +367,6 @@ fn untouched_by_a_rescue(row: &serde_json::Value) -> serde_json::Value {
 // ---------------------------------------------------------------------------------------------
 
 mod conformance {
-    /// `#[tokio::test]`s (after `async:`) and `#[test]`s (after `sync:`) calling the case of
-    /// the same name at the crate root with `$rescue`.
-    macro_rules! cases {
-        ($rescue:expr; async: $($case:ident),+; sync: $($sync:ident),+ $(,)?) => {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    crate::$case(&$rescue).await
-                }
-            )+
-            $(
-                #[test]
-                fn $sync() {
-                    crate::$sync(&$rescue)
-                }
-            )+
-        };
-    }
-
     /// Every shared case, in a module per rescue.
     macro_rules! conformance {
         ($($module:ident: $rescue:expr),+ $(,)?) => {

@@ -12,6 +12,28 @@ use steward_queue::Queue;
 use steward_testkit::TestDb;
 use tokio_postgres::Client;
 
+/// Stamps out the test functions of a conformance suite for one subject: a `#[tokio::test]`
+/// for each case after `async:` and a `#[test]` for each after `sync:`, each calling the
+/// function of the same name at the crate root with `&$subject`. Used in a module named after
+/// the subject, so that a failure names it (`conformance::<subject>::<case>`).
+#[allow(unused_macros)]
+macro_rules! cases {
+    ($subject:expr; async: $($case:ident),+; sync: $($sync:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                crate::$case(&$subject).await
+            }
+        )+
+        $(
+            #[test]
+            fn $sync() {
+                crate::$sync(&$subject)
+            }
+        )+
+    };
+}
+
 /// The branch settings as the binary reads them, with `settings` (TOML, as in the branch's
 /// `[branches.<name>]` table; empty for the defaults) for the branch `name`.
 pub fn config(name: &str, settings: &str) -> Result<BranchesConfig, String> {
