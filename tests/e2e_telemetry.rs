@@ -1,6 +1,8 @@
 //! End to end: a real leader's Prometheus endpoint, OTLP export to an in-process receiver,
 //! the health endpoints, and `steward status` with and without a leader.
 
+#[path = "support/http.rs"]
+mod http;
 mod support;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
