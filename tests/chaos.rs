@@ -1,8 +1,10 @@
 //! Chaos: real `steward run` processes (scenario 5: the branches themselves) under a mixed
 //! workload while something breaks, then proof from the database that nothing was lost,
-//! doubled or taken from a live worker. See `tests/support/chaos.rs` for the workload (what each
-//! job does), the audits (a trigger logging every job transition; commit-time records of
-//! Steward's transactions) and the checks (`verify`).
+//! doubled or taken from a live worker. See `tests/support/workload.rs` for the workload
+//! (what each job does), `tests/support/audit.rs` for the audits (a trigger logging every job
+//! transition; commit-time records of Steward's transactions) and the checks (`verify`),
+//! `tests/support/network.rs` for the network faults and `tests/support/probes.rs` for reading
+//! logs, metrics and processes.
 //!
 //! | test | what breaks | measured (printed) |
 //! | --- | --- | --- |
@@ -19,11 +21,25 @@
 //! Scenarios that stop or restart PostgreSQL use a private throwaway cluster
 //! (`steward_devdb::start_cluster`), never the shared server.
 
-#[path = "support/chaos.rs"]
-mod harness;
+// The shared driver of `steward` processes, then the modules only this suite uses.
+#[path = "support/audit.rs"]
+mod audit;
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/network.rs"]
+mod network;
+#[path = "support/probes.rs"]
+mod probes;
+#[path = "support/settings.rs"]
+mod settings;
 mod support;
+#[path = "support/workload.rs"]
+mod workload;
 
-use harness::*;
+use audit::*;
+use network::*;
+use probes::*;
+use settings::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,6 +51,7 @@ use steward_testkit::TestDb;
 use support::Steward;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+use workload::*;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -44,7 +61,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn queue_on(db: &TestDb) -> Queue {
-    Queue::new(db.pool(16), db.schema()).with_retry_policy(RETRY)
+    Queue::new(db.pool(16)).with_retry_policy(RETRY)
 }
 
 /// A private throwaway cluster, migrated, for scenarios that stop or restart PostgreSQL.
@@ -82,7 +99,7 @@ impl PrivateDb {
 
     fn queue(&self) -> Queue {
         let pool = self.target("chaos-workload").pool(16).unwrap();
-        Queue::new(pool, &SchemaName::default()).with_retry_policy(RETRY)
+        Queue::new(pool).with_retry_policy(RETRY)
     }
 }
 

@@ -13,7 +13,7 @@ const ACQUIRED: &str = "leadership acquired";
 fn slo_first_pass(s: &Steward, epoch: i64) -> Option<LogLine> {
     s.logs().into_iter().find(|l| {
         l.message() == FIRST_PASS
-            && l.field("loop_kind").and_then(|v| v.as_str()) == Some("slo")
+            && l.field("class").and_then(|v| v.as_str()) == Some("slo")
             && l.field("epoch").and_then(|v| v.as_i64()) == Some(epoch)
     })
 }

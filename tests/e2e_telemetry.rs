@@ -1,6 +1,8 @@
 //! End to end: a real leader's Prometheus endpoint, OTLP export to an in-process receiver,
 //! the health endpoints, and `steward status` with and without a leader.
 
+#[path = "support/http.rs"]
+mod http;
 mod support;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
@@ -47,7 +49,7 @@ const FAST: &[&str] = &[
 /// and one available job so queue gauges have an oldest age; and a malformed cron schedule,
 /// which cron_sync skips (a series of steward_maintenance_branch_skipped_total).
 async fn seed(db: &TestDb) {
-    let queue = Queue::new(db.pool(2), db.schema());
+    let queue = Queue::new(db.pool(2));
     queue
         .enqueue_batch(&[
             NewJob::new("stale"),

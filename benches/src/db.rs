@@ -169,7 +169,7 @@ impl BenchDb {
     }
 
     pub fn queue(&self, size: usize, application_name: &str) -> anyhow::Result<Queue> {
-        Ok(Queue::new(self.pool(size, application_name)?, &self.schema))
+        Ok(Queue::new(self.pool(size, application_name)?))
     }
 }
 

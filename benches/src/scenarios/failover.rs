@@ -1,6 +1,6 @@
 //! Scenario 4, failover: real `steward run` processes. A leader runs and a standby waits in
 //! `pg_advisory_lock`; the leader gets SIGKILL; the time is from the kill to the standby's
-//! "first branch pass of the term" log line with loop_name=slo (the line's own timestamp).
+//! "first branch pass of the term" log line with class=slo (the line's own timestamp).
 //! The standby then leads, a new standby joins, and the next trial starts.
 
 use crate::db::Pg;
@@ -64,7 +64,7 @@ async fn run_on(
         leader.kill()?;
         let first = standby
             .wait_for("the standby's first SLO branch pass", WAIT, |l| {
-                l.message() == FIRST_PASS && l.field_str("loop_kind") == Some("slo")
+                l.message() == FIRST_PASS && l.field_str("class") == Some("slo")
             })
             .await?;
         let took = ms_since(killed_at, first.at);

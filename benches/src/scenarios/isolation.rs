@@ -55,7 +55,7 @@ pub struct Params {
 pub struct BranchNumbers {
     pub branch: String,
     #[serde(rename = "loop")]
-    pub loop_kind: String,
+    pub class: String,
     pub runs: u64,
     pub rows: u64,
     pub start_delay_ms: Quantiles,
@@ -73,7 +73,7 @@ impl BranchNumbers {
     fn of(name: &str, stats: &BranchStats) -> Self {
         BranchNumbers {
             branch: name.to_owned(),
-            loop_kind: if stats.slo { "slo" } else { "hygiene" }.to_owned(),
+            class: if stats.slo { "slo" } else { "hygiene" }.to_owned(),
             runs: stats.runs,
             rows: stats.rows,
             start_delay_ms: stats.start_delay.summary(),
@@ -637,7 +637,7 @@ pub fn render(r: &IsolationResult) -> String {
     ]];
     let mut hygiene: BTreeMap<&str, Vec<(&str, &BranchNumbers)>> = BTreeMap::new();
     for m in [&r.split, &r.monolithic] {
-        for b in m.branches.iter().filter(|b| b.loop_kind == "hygiene") {
+        for b in m.branches.iter().filter(|b| b.class == "hygiene") {
             hygiene.entry(&b.branch).or_default().push((&m.mode, b));
         }
     }

@@ -144,7 +144,7 @@ async fn wakeup_in(client: &tokio_postgres::Client) -> Option<f64> {
 #[tokio::test]
 async fn producers_notify_only_for_jobs_due_before_the_published_wakeup() {
     let db = db_with_leader().await;
-    let queue = Queue::new(db.pool(2), db.schema());
+    let queue = Queue::new(db.pool(2));
     let (listener, mut notifications) = db.target().listen().await.unwrap();
     let channel = steward_queue::due_channel(db.schema());
     listener

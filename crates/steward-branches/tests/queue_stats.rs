@@ -203,7 +203,7 @@ async fn emptied_states_are_deleted_and_reported_as_zero() {
 async fn the_snapshot_follows_queue_transitions() {
     let db = db_with_leader().await;
     let mut client = db.client().await;
-    let queue = Queue::new(db.pool(4), db.schema());
+    let queue = Queue::new(db.pool(4));
     for name in ["emails", "reports"] {
         let batch: Vec<NewJob> = (0..10).map(|_| NewJob::new("k").queue(name)).collect();
         queue.enqueue_batch(&batch).await.unwrap();

@@ -8,6 +8,8 @@ use steward_leader::{
     BranchRun, Candidate, LeaderSettings, LeadershipEvent, LoopMode, Observer, RunResult,
 };
 use steward_testkit::TestDb;
+use tokio::sync::watch;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 /// A branch that holds a fenced transaction open for `hold` (pg_sleep), or panics.
@@ -71,6 +73,26 @@ fn hygiene(interval_ms: u64, hold_ms: u64) -> Arc<dyn Branch> {
     })
 }
 
+/// The heartbeat rescue, every `interval`, for runs silent longer than `staleness` (also its
+/// quiet period).
+fn heartbeat_rescue(interval: Duration, staleness: Duration) -> Arc<dyn Branch> {
+    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
+    Arc::new(RescueStaleHeartbeats::new(Config {
+        interval,
+        staleness,
+        ..Config::default()
+    }))
+}
+
+/// The promoter, every `interval` unless a NOTIFY wakes it.
+fn promoter(interval: Duration) -> Arc<dyn Branch> {
+    use steward_branches::promote_scheduled::{Config, PromoteScheduled};
+    Arc::new(PromoteScheduled::new(Config {
+        interval,
+        ..Config::default()
+    }))
+}
+
 #[derive(Debug, Clone)]
 struct Run {
     branch: &'static str,
@@ -78,43 +100,70 @@ struct Run {
     epoch: i64,
     start: Instant,
     end: Instant,
+    rows: u64,
     result: RunResult,
 }
 
-#[derive(Default)]
+/// Everything a candidate reports, with the time it arrived. Every report also bumps
+/// `events`, which [`Recorder::until`] waits on.
 struct Recorder {
     runs: Mutex<Vec<Run>>,
-    rows: Mutex<std::collections::HashMap<(&'static str, Instant), u64>>,
     leadership: Mutex<Vec<(LeadershipEvent, Instant)>>,
+    progress: Mutex<Vec<(String, Instant)>>,
+    events: watch::Sender<u64>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self {
+            runs: Mutex::default(),
+            leadership: Mutex::default(),
+            progress: Mutex::default(),
+            events: watch::channel(0).0,
+        }
+    }
 }
 
 impl Observer for Recorder {
     fn branch_run(&self, run: &BranchRun<'_>) {
         let end = Instant::now();
-        self.rows
-            .lock()
-            .unwrap()
-            .insert((run.branch, end - run.duration), run.rows);
         self.runs.lock().unwrap().push(Run {
             branch: run.branch,
             loop_name: run.loop_name,
             epoch: run.epoch,
             start: end - run.duration,
             end,
+            rows: run.rows,
             result: run.result.clone(),
         });
+        self.events.send_modify(|n| *n += 1);
     }
     fn leadership(&self, event: &LeadershipEvent) {
         self.leadership
             .lock()
             .unwrap()
             .push((event.clone(), Instant::now()));
+        self.events.send_modify(|n| *n += 1);
+    }
+    fn loop_progress(&self, loop_name: &str, _epoch: i64) {
+        self.progress
+            .lock()
+            .unwrap()
+            .push((loop_name.to_owned(), Instant::now()));
+        self.events.send_modify(|n| *n += 1);
     }
 }
 
 impl Recorder {
     fn runs(&self) -> Vec<Run> {
         self.runs.lock().unwrap().clone()
+    }
+    /// Passes of `branch` that succeeded.
+    fn ok_runs(&self, branch: &str) -> Vec<Run> {
+        self.runs()
+            .into_iter()
+            .filter(|r| r.branch == branch && r.result == RunResult::Ok)
+            .collect()
     }
     fn acquired(&self) -> Vec<i64> {
         self.leadership
@@ -137,6 +186,47 @@ impl Recorder {
                 _ => None,
             })
     }
+    /// When `loop_name` reported progress.
+    fn progress_of(&self, loop_name: &str) -> Vec<Instant> {
+        self.progress
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name == loop_name)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+    /// The first pass of `branch` that reported rows.
+    fn first_rows(&self, branch: &str) -> Option<Run> {
+        self.runs()
+            .into_iter()
+            .find(|r| r.branch == branch && r.result == RunResult::Ok && r.rows > 0)
+    }
+
+    /// Waits until `check` holds, checking again at every report the candidate makes;
+    /// panics after 30 s.
+    async fn until(&self, what: &str, check: impl FnMut() -> bool) {
+        self.until_within(what, Duration::from_secs(30), check)
+            .await
+    }
+
+    /// [`Self::until`] with a limit of `within`.
+    async fn until_within(&self, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut events = self.events.subscribe();
+        loop {
+            // Reports from here on wake the wait below, so none is missed between the check
+            // and the wait.
+            events.borrow_and_update();
+            if check() {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, events.changed()).await {
+                Ok(changed) => changed.expect("the recorder outlives its waiters"),
+                Err(_) => panic!("not within {within:?}: {what}"),
+            }
+        }
+    }
 }
 
 fn fast_settings(mode: LoopMode) -> LeaderSettings {
@@ -149,6 +239,20 @@ fn fast_settings(mode: LoopMode) -> LeaderSettings {
     }
 }
 
+/// A candidate for the test database's schema reporting to `recorder`.
+fn candidate(
+    db: &TestDb,
+    settings: LeaderSettings,
+    branches: Vec<Arc<dyn Branch>>,
+    recorder: Arc<Recorder>,
+) -> Arc<Candidate> {
+    Arc::new(
+        Candidate::new(db.target().clone(), settings, branches)
+            .expect("valid settings")
+            .with_observer(recorder),
+    )
+}
+
 struct Running {
     candidate: Arc<Candidate>,
     recorder: Arc<Recorder>,
@@ -158,11 +262,7 @@ struct Running {
 
 fn start(db: &TestDb, settings: LeaderSettings, branches: Vec<Arc<dyn Branch>>) -> Running {
     let recorder = Arc::new(Recorder::default());
-    let candidate = Arc::new(
-        Candidate::new(db.target().clone(), settings, branches)
-            .expect("valid settings")
-            .with_observer(recorder.clone()),
-    );
+    let candidate = candidate(db, settings, branches, recorder.clone());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({
         let candidate = candidate.clone();
@@ -188,13 +288,34 @@ impl Running {
     }
 }
 
-/// Polls `check` every 20 ms for up to 30 s.
-async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+/// Polls the database with `probe` every 10 ms until it returns true; panics after 30 s.
+async fn poll_db<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while !probe().await {
+        assert!(Instant::now() < deadline, "not within 30 s: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The backend pids of `instance`'s sessions in `role` (application_name
+/// `steward:<instance>:<role>`) that match `predicate` (SQL over pg_stat_activity).
+async fn sessions(client: &Client, instance: &str, role: &str, predicate: &str) -> Vec<i32> {
+    client
+        .query(
+            &format!(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND {predicate}"
+            ),
+            &[&format!("steward:{instance}:{role}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn terminate_sessions(db: &TestDb, instance: &str, role: &str) -> i64 {
@@ -214,16 +335,36 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
     let db = TestDb::new().await;
     let branches = || vec![slo(20), hygiene(50, 0)];
     let a = start(&db, fast_settings(LoopMode::Split), branches());
-    eventually("a leads", || a.recorder.acquired() == vec![1]).await;
+    a.recorder
+        .until("a leads", || a.recorder.acquired() == vec![1])
+        .await;
     let b = start(&db, fast_settings(LoopMode::Split), branches());
-    eventually("a runs both loops", || {
-        let runs = a.recorder.runs();
-        runs.iter().any(|r| r.branch == "test_slo")
-            && runs.iter().any(|r| r.branch == "test_hygiene")
+    a.recorder
+        .until("a runs both loops", || {
+            let runs = a.recorder.runs();
+            runs.iter().any(|r| r.branch == "test_slo")
+                && runs.iter().any(|r| r.branch == "test_hygiene")
+        })
+        .await;
+    // The standby stands by: its leader session waits for the lock...
+    let observer = db.client().await;
+    poll_db("b waits for the leadership lock", || {
+        let (observer, b) = (&observer, b.candidate.instance());
+        async move {
+            sessions(observer, b, "leader", "wait_event_type = 'Lock'")
+                .await
+                .len()
+                == 1
+        }
     })
     .await;
-    // The standby runs nothing while a leads.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and runs nothing while a leads: not during the next 10 SLO passes of a.
+    let seen = a.recorder.ok_runs("test_slo").len();
+    a.recorder
+        .until("10 more SLO passes of a", || {
+            a.recorder.ok_runs("test_slo").len() >= seen + 10
+        })
+        .await;
     assert!(b.recorder.runs().is_empty() && b.recorder.acquired().is_empty());
 
     assert_eq!(
@@ -231,11 +372,14 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
         1
     );
     let cut = Instant::now();
-    eventually("b takes over with epoch 2", || {
-        b.recorder.acquired() == vec![2]
-    })
-    .await;
-    eventually("a notices the loss", || a.recorder.lost_at(1).is_some()).await;
+    b.recorder
+        .until("b takes over with epoch 2", || {
+            b.recorder.acquired() == vec![2]
+        })
+        .await;
+    a.recorder
+        .until("a notices the loss", || a.recorder.lost_at(1).is_some())
+        .await;
     // The leader connection's end is noticed at once, and both loops stop before any further
     // branch starts. Allow 1 s for the termination to reach a's connection driver: had the
     // loops gone on, the SLO branch (every 20 ms) would have started ~50 times in that span.
@@ -250,16 +394,29 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
         late.is_empty(),
         "branches of epoch 1 started after its leader connection was cut: {late:?}"
     );
+    // The loss is reported once the loops have stopped: no pass of the term starts after.
+    let lost_at = a.recorder.lost_at(1).unwrap();
+    let after_loss: Vec<Run> = a
+        .recorder
+        .runs()
+        .into_iter()
+        .filter(|r| r.epoch == 1 && r.start > lost_at)
+        .collect();
     assert!(
-        a.recorder.lost_at(1).unwrap() < cut + Duration::from_secs(5),
+        after_loss.is_empty(),
+        "branches of epoch 1 started after the loss was reported: {after_loss:?}"
+    );
+    assert!(
+        lost_at < cut + Duration::from_secs(5),
         "a noticed the loss of its leader connection late"
     );
-    eventually("b runs both loops", || {
-        let runs = b.recorder.runs();
-        runs.iter().any(|r| r.branch == "test_slo")
-            && runs.iter().any(|r| r.branch == "test_hygiene")
-    })
-    .await;
+    b.recorder
+        .until("b runs both loops", || {
+            let runs = b.recorder.runs();
+            runs.iter().any(|r| r.branch == "test_slo")
+                && runs.iter().any(|r| r.branch == "test_hygiene")
+        })
+        .await;
     assert!(!a.candidate.health().snapshot().is_leader);
 
     // a went back to standby: it takes over in turn.
@@ -267,10 +424,11 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
         terminate_sessions(&db, b.candidate.instance(), "leader").await,
         1
     );
-    eventually("a leads again with epoch 3", || {
-        a.recorder.acquired() == vec![1, 3]
-    })
-    .await;
+    a.recorder
+        .until("a leads again with epoch 3", || {
+            a.recorder.acquired() == vec![1, 3]
+        })
+        .await;
     // The standby first, so that it cannot take over from a's step-down.
     b.stop().await;
     a.stop().await;
@@ -296,7 +454,6 @@ async fn one_leader_and_a_standby_takes_over_when_the_leader_connection_dies() {
     );
 }
 
-/// SLO passes that started while a hygiene pass was running.
 /// Passes of `branch` that started while a pass of `busy` was running.
 fn runs_during(runs: &[Run], branch: &str, busy: &str) -> usize {
     let busy: Vec<&Run> = runs.iter().filter(|r| r.branch == busy).collect();
@@ -329,16 +486,18 @@ async fn a_branch_with_its_own_loop_does_not_hold_back_its_class_siblings() {
     let db = TestDb::new().await;
     for mode in [LoopMode::Split, LoopMode::Monolithic] {
         let leader = start(&db, fast_settings(mode), vec![busy(), slo(20)]);
-        eventually("two long passes of the busy branch", || {
-            leader
-                .recorder
-                .runs()
-                .iter()
-                .filter(|r| r.branch == "test_busy")
-                .count()
-                >= 2
-        })
-        .await;
+        leader
+            .recorder
+            .until("two long passes of the busy branch", || {
+                leader
+                    .recorder
+                    .runs()
+                    .iter()
+                    .filter(|r| r.branch == "test_busy")
+                    .count()
+                    >= 2
+            })
+            .await;
         let recorder = leader.recorder.clone();
         leader.stop().await;
         let runs = recorder.runs();
@@ -375,16 +534,18 @@ async fn split_mode_keeps_slo_branches_running_during_a_slow_hygiene_pass() {
         // 900 ms stays inside the 1 s statement timeout derived from the 100 ms interval.
         vec![slo(20), hygiene(100, 900)],
     );
-    eventually("two slow hygiene passes", || {
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .filter(|r| r.branch == "test_hygiene")
-            .count()
-            >= 2
-    })
-    .await;
+    leader
+        .recorder
+        .until("two slow hygiene passes", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .filter(|r| r.branch == "test_hygiene")
+                .count()
+                >= 2
+        })
+        .await;
     let overlapping = slo_runs_during_hygiene(&leader.recorder.runs());
     assert!(
         overlapping >= 10,
@@ -409,29 +570,35 @@ async fn monolithic_mode_runs_one_branch_at_a_time_and_shows_the_starved_branch(
         fast_settings(LoopMode::Monolithic),
         vec![slo(20), hygiene(100, 400)],
     );
-    eventually("four hygiene passes", || {
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .filter(|r| r.branch == "test_hygiene")
-            .count()
-            >= 4
-    })
-    .await;
+    leader
+        .recorder
+        .until("four hygiene passes", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .filter(|r| r.branch == "test_hygiene")
+                .count()
+                >= 4
+        })
+        .await;
     assert_eq!(slo_runs_during_hygiene(&leader.recorder.runs()), 0);
     // The SLO branch's own body is fast, but it starts late behind hygiene: start delay makes
     // it visible as overrunning.
-    eventually("the starved SLO branch is reported delayed", || {
-        leader
-            .candidate
-            .health()
-            .snapshot()
-            .branches
-            .iter()
-            .any(|b| b.branch == "test_slo" && b.overrun == steward_leader::OverrunState::Delayed)
-    })
-    .await;
+    leader
+        .recorder
+        .until("the starved SLO branch is reported delayed", || {
+            leader
+                .candidate
+                .health()
+                .snapshot()
+                .branches
+                .iter()
+                .any(|b| {
+                    b.branch == "test_slo" && b.overrun == steward_leader::OverrunState::Delayed
+                })
+        })
+        .await;
     leader.stop().await;
 }
 
@@ -451,22 +618,24 @@ async fn a_panicking_branch_is_retried_and_never_stops_its_loop() {
         fast_settings(LoopMode::Split),
         vec![panicking, slo(30)],
     );
-    eventually(
-        "the panicking branch ran 5 times and its sibling 5 times",
-        || {
-            let runs = leader.recorder.runs();
-            runs.iter()
-                .filter(|r| matches!(r.result, RunResult::Panicked(_)))
-                .count()
-                >= 5
-                && runs
-                    .iter()
-                    .filter(|r| r.branch == "test_slo" && r.result == RunResult::Ok)
+    leader
+        .recorder
+        .until(
+            "the panicking branch ran 5 times and its sibling 5 times",
+            || {
+                let runs = leader.recorder.runs();
+                runs.iter()
+                    .filter(|r| matches!(r.result, RunResult::Panicked(_)))
                     .count()
                     >= 5
-        },
-    )
-    .await;
+                    && runs
+                        .iter()
+                        .filter(|r| r.branch == "test_slo" && r.result == RunResult::Ok)
+                        .count()
+                        >= 5
+            },
+        )
+        .await;
     let health = leader.candidate.health().snapshot();
     let entry = health
         .branches
@@ -486,15 +655,14 @@ fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
         wedge_check_interval: Duration::from_millis(200),
         ..fast_settings(LoopMode::Split)
     };
-    // The leader lives on its own single-threaded runtime, which we then block: its sockets
-    // stay open (alive at the TCP level) but it makes no progress at all.
+    // The leader lives on its own single-threaded runtime, whose only thread we then block
+    // until b has taken over: its sockets stay open (alive at the TCP level) but it makes no
+    // progress at all.
     let recorder_a = Arc::new(Recorder::default());
-    let candidate_a = Arc::new(
-        Candidate::new(db.target().clone(), settings.clone(), vec![slo(20)])
-            .expect("valid settings")
-            .with_observer(recorder_a.clone()),
-    );
-    let (wedge_tx, wedge_rx) = std::sync::mpsc::channel::<Duration>();
+    let candidate_a = candidate(&db, settings.clone(), vec![slo(20)], recorder_a.clone());
+    let (freeze_tx, freeze_rx) = std::sync::mpsc::channel::<()>();
+    let (thaw_tx, thaw_rx) = std::sync::mpsc::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let leader_thread = std::thread::spawn({
         let candidate = candidate_a.clone();
         move || {
@@ -508,16 +676,20 @@ fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
                     let shutdown = shutdown.clone();
                     async move { candidate.run(shutdown).await }
                 });
-                // Block this runtime's only thread when told to.
-                let wedge = tokio::task::spawn_blocking(move || wedge_rx.recv().ok())
+                // Block this runtime's only thread when told to, until told to thaw (or the
+                // test is over).
+                let freeze = tokio::task::spawn_blocking(move || freeze_rx.recv().is_ok())
                     .await
                     .unwrap();
-                if let Some(freeze) = wedge {
-                    tokio::spawn(async move { std::thread::sleep(freeze) })
-                        .await
-                        .unwrap();
+                if freeze {
+                    tokio::spawn(async move {
+                        let _ = thaw_rx.recv();
+                    })
+                    .await
+                    .unwrap();
                 }
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                // Running again: until the test has seen what it waits for.
+                let _ = stop_rx.await;
                 shutdown.cancel();
                 let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
             });
@@ -525,28 +697,31 @@ fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
     });
 
     runtime.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while recorder_a.acquired() != vec![1] || recorder_a.runs().is_empty() {
-            assert!(Instant::now() < deadline, "a never led");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        recorder_a
+            .until("a leads and runs its branch", || {
+                recorder_a.acquired() == vec![1] && !recorder_a.runs().is_empty()
+            })
+            .await;
         let b = start(&db, settings.clone(), vec![slo(20)]);
-        wedge_tx.send(Duration::from_secs(6)).unwrap();
+        freeze_tx.send(()).unwrap();
         let wedged_at = Instant::now();
-        eventually("b takes over from the wedged leader", || {
-            b.recorder.acquired() == vec![2]
-        })
-        .await;
+        b.recorder
+            .until("b takes over from the wedged leader", || {
+                b.recorder.acquired() == vec![2]
+            })
+            .await;
         let took = wedged_at.elapsed();
         assert!(
             took >= Duration::from_secs(2),
             "took over before the wedge timeout: {took:?}"
         );
         let took_over_at = Instant::now();
-        eventually("a, once unblocked, knows it lost", || {
-            recorder_a.lost_at(1).is_some()
-        })
-        .await;
+        thaw_tx.send(()).unwrap();
+        recorder_a
+            .until("a, once unblocked, knows it lost", || {
+                recorder_a.lost_at(1).is_some()
+            })
+            .await;
         // A pass frozen after its commit reached the server reports Ok late, but committed
         // before b ended a's sessions; a pass that *started* after the takeover must not
         // succeed. (tests/chaos.rs audits commit times in the database itself.)
@@ -559,38 +734,17 @@ fn a_wedged_leader_is_taken_over_and_commits_nothing_afterwards() {
             committed_late.is_empty(),
             "the wedged term committed after takeover: {committed_late:?}"
         );
+        stop_tx.send(()).unwrap();
         b.stop().await;
     });
     leader_thread.join().unwrap();
 }
 
-/// First time a pass of `branch` reported rows.
-fn first_rows_at(recorder: &Recorder, branch: &str) -> Option<Instant> {
-    recorder
-        .runs()
-        .iter()
-        .filter(|r| r.branch == branch)
-        .find(|r| r.result == RunResult::Ok && recorder.rows_of(r) > 0)
-        .map(|r| r.start)
-}
-
-impl Recorder {
-    fn rows_of(&self, run: &Run) -> u64 {
-        self.rows
-            .lock()
-            .unwrap()
-            .get(&(run.branch, run.start))
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_database() {
-    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
     use steward_queue::{JobState, NewJob, Queue};
     let db = TestDb::new().await;
-    let queue = Queue::new(db.pool(4), db.schema());
+    let queue = Queue::new(db.pool(4));
     queue
         .enqueue_batch(&[NewJob::new("live"), NewJob::new("dead")])
         .await
@@ -606,49 +760,82 @@ async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_
         .unwrap();
 
     let quiet = Duration::from_secs(2);
-    let rescue = RescueStaleHeartbeats::new(Config {
-        interval: Duration::from_millis(50),
-        staleness: quiet,
-        ..Config::default()
-    });
-    let leader = start(&db, fast_settings(LoopMode::Split), vec![Arc::new(rescue)]);
-    eventually("leads", || leader.recorder.acquired() == vec![1]).await;
+    // The rescue shares the SLO loop with a fast sibling, whose passes show the loop at work.
+    let began = Instant::now();
+    let leader = start(
+        &db,
+        fast_settings(LoopMode::Split),
+        vec![heartbeat_rescue(Duration::from_millis(50), quiet), slo(20)],
+    );
+    // Passes of the rescue that got to run (a pass on a connection that was cut fails).
+    let rescue_runs_since = |since: Instant| {
+        let runs = leader.recorder.ok_runs("rescue_stale_heartbeats");
+        runs.iter().filter(|r| r.start > since).count()
+    };
+    leader
+        .recorder
+        .until("leads", || leader.recorder.acquired() == vec![1])
+        .await;
     let elected = Instant::now();
-    // The live worker gets through only after a second: inside the quiet period.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The live worker gets through late, but inside the quiet period: after 10 passes of the
+    // loop's sibling, by which time the rescue (due every 50 ms) would have run if it were
+    // not held back.
+    leader
+        .recorder
+        .until("10 passes of the SLO sibling", || {
+            leader.recorder.ok_runs("test_slo").len() >= 10
+        })
+        .await;
+    assert_eq!(rescue_runs_since(began), 0, "the rescue ran right away");
+    assert!(
+        elected.elapsed() < quiet,
+        "the worker's heartbeat came after the quiet period: the test proves nothing"
+    );
     queue
         .heartbeat(live)
         .await
         .expect("the live worker still holds its job");
-    let beating = tokio::spawn({
+    // From now on the live worker heartbeats every 300 ms, well within the staleness, until
+    // it loses its job (which ends the task) or is cut off.
+    let keep_beating = || {
         let queue = queue.clone();
-        async move {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(300));
+            every.tick().await;
             loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if queue.heartbeat(live).await.is_err() {
-                    return false;
+                every.tick().await;
+                if let Err(e) = queue.heartbeat(live).await {
+                    return e;
                 }
             }
-        }
-    });
+        })
+    };
+    let beating = keep_beating();
     let state = |id| {
         let queue = queue.clone();
         async move { queue.get(id).await.unwrap().unwrap().state }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while state(dead.job_id).await != JobState::Retryable {
-        assert!(
-            Instant::now() < deadline,
-            "the dead worker's job was never rescued"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // The pass's commit is visible before the loop reports the pass.
-    eventually("the rescuing pass is reported", || {
-        first_rows_at(&leader.recorder, "rescue_stale_heartbeats").is_some()
-    })
-    .await;
-    let rescued_at = first_rows_at(&leader.recorder, "rescue_stale_heartbeats").unwrap();
+    leader
+        .recorder
+        .until("a rescue pass that rescued something", || {
+            leader
+                .recorder
+                .first_rows("rescue_stale_heartbeats")
+                .is_some()
+        })
+        .await;
+    let rescuing = leader
+        .recorder
+        .first_rows("rescue_stale_heartbeats")
+        .unwrap();
+    assert_eq!(rescuing.rows, 1, "{rescuing:?}");
+    assert_eq!(
+        state(dead.job_id).await,
+        JobState::Retryable,
+        "the dead worker's job was not the one rescued"
+    );
+    let rescued_at = rescuing.start;
     assert!(
         rescued_at >= elected + quiet - Duration::from_millis(200),
         "rescued {:?} after the election, inside the quiet period",
@@ -662,11 +849,17 @@ async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_
 
     // Now the leader loses its SLO work connection, and during that outage the live worker
     // could not heartbeat either (its last heartbeat looks 10 s old); it gets through 1 s late.
+    assert!(!beating.is_finished(), "the live worker lost its job");
     beating.abort();
-    assert_eq!(
-        terminate_sessions(&db, leader.candidate.instance(), "slo").await,
-        1
-    );
+    let instance = leader.candidate.instance();
+    let old = sessions(&client, instance, "slo", "true").await;
+    assert_eq!(terminate_sessions(&db, instance, "slo").await, 1);
+    // From when its backend is gone, no statement gets through on the old connection.
+    poll_db("the SLO session's backend is gone", || {
+        let (client, old) = (&client, format!("pid = {}", old[0]));
+        async move { sessions(client, instance, "slo", &old).await.is_empty() }
+    })
+    .await;
     let cut = Instant::now();
     client
         .execute(
@@ -675,34 +868,55 @@ async fn rescues_wait_a_staleness_window_after_an_election_and_after_losing_the_
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The worker gets through late again: after 10 passes of the sibling on the loop's new
+    // connection, which an unheld rescue would have shared.
+    leader
+        .recorder
+        .until("10 SLO passes after the reconnect", || {
+            let runs = leader.recorder.ok_runs("test_slo");
+            runs.iter().filter(|r| r.start > cut).count() >= 10
+        })
+        .await;
+    assert_eq!(
+        rescue_runs_since(cut),
+        0,
+        "the rescue ran right after the reconnect"
+    );
+    assert!(
+        cut.elapsed() < quiet,
+        "the worker's heartbeat came after the quiet period: the test proves nothing"
+    );
     queue
         .heartbeat(live)
         .await
         .expect("the live worker still holds its job after the cut");
+    let beating = keep_beating();
     // Wait until rescue passes have run past the quiet period after the reconnect.
-    eventually("rescue passes after the quiet period", || {
-        leader.recorder.runs().iter().any(|r| {
-            r.branch == "rescue_stale_heartbeats"
-                && r.start > cut + quiet + Duration::from_millis(200)
+    leader
+        .recorder
+        .until("rescue passes after the quiet period", || {
+            leader.recorder.runs().iter().any(|r| {
+                r.branch == "rescue_stale_heartbeats"
+                    && r.start > cut + quiet + Duration::from_millis(200)
+            })
         })
-    })
-    .await;
+        .await;
     let job = queue.get(live.job_id).await.unwrap().unwrap();
     assert_eq!(
         (job.state, job.run_lease),
         (JobState::Running, live.run_lease)
     );
     assert!(job.error_entries().is_empty());
+    assert!(!beating.is_finished(), "the live worker lost its job");
+    beating.abort();
     leader.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
-    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
     use steward_queue::{JobState, NewJob, Queue};
     let db = TestDb::new().await;
-    let queue = Queue::new(db.pool(2), db.schema());
+    let queue = Queue::new(db.pool(2));
     queue.enqueue(&NewJob::new("dead")).await.unwrap();
     let dead = queue.claim("default", 1).await.unwrap()[0].lease;
     db.client()
@@ -720,35 +934,42 @@ async fn a_branch_that_keeps_panicking_does_not_hold_rescues_back() {
         panics: true,
         own_loop: false,
     });
-    let rescue = RescueStaleHeartbeats::new(Config {
-        interval: Duration::from_millis(50),
-        staleness: Duration::from_secs(1),
-        ..Config::default()
-    });
+    let rescue = heartbeat_rescue(Duration::from_millis(50), Duration::from_secs(1));
     let leader = start(
         &db,
         fast_settings(LoopMode::Monolithic),
-        vec![panicking, Arc::new(rescue)],
+        vec![panicking, rescue],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job = queue.get(dead.job_id).await.unwrap().unwrap();
-        if job.state == JobState::Retryable {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dead worker's job was never rescued while a sibling kept panicking"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    leader
+        .recorder
+        .until(
+            "the dead worker's job rescued while a sibling kept panicking",
+            || {
+                leader
+                    .recorder
+                    .first_rows("rescue_stale_heartbeats")
+                    .is_some()
+            },
+        )
+        .await;
+    // The pass's commit is visible before the loop reports the pass.
+    let job = queue.get(dead.job_id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Retryable);
+    let rescued_at = leader
+        .recorder
+        .first_rows("rescue_stale_heartbeats")
+        .unwrap()
+        .start;
     let panics = leader
         .recorder
         .runs()
         .iter()
-        .filter(|r| matches!(r.result, RunResult::Panicked(_)))
+        .filter(|r| matches!(r.result, RunResult::Panicked(_)) && r.end < rescued_at)
         .count();
-    assert!(panics >= 5, "the sibling panicked only {panics} times");
+    assert!(
+        panics >= 5,
+        "the sibling panicked only {panics} times before the rescue"
+    );
     leader.stop().await;
 }
 
@@ -761,16 +982,18 @@ async fn a_statement_past_its_derived_timeout_is_cut_and_the_loop_goes_on() {
         fast_settings(LoopMode::Split),
         vec![slo(20), hygiene(100, 3000)],
     );
-    eventually("two hygiene passes cut by the statement timeout", || {
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .filter(|r| r.branch == "test_hygiene" && matches!(r.result, RunResult::Timeout(_)))
-            .count()
-            >= 2
-    })
-    .await;
+    leader
+        .recorder
+        .until("two hygiene passes cut by the statement timeout", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .filter(|r| r.branch == "test_hygiene" && matches!(r.result, RunResult::Timeout(_)))
+                .count()
+                >= 2
+        })
+        .await;
     let runs = leader.recorder.runs();
     for run in runs.iter().filter(|r| r.branch == "test_hygiene") {
         let took = run.end - run.start;
@@ -810,29 +1033,22 @@ async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releas
         ..fast_settings(LoopMode::Split)
     };
     let leader = start(&db, settings.clone(), vec![slo(20), hygiene(60_000, 5_000)]);
-    eventually("leads", || leader.recorder.acquired() == vec![1]).await;
+    leader
+        .recorder
+        .until("leads", || leader.recorder.acquired() == vec![1])
+        .await;
     let observer = db.client().await;
-    let sleeping = format!("steward:{}:hygiene", leader.candidate.instance());
-    let count_sleeping = || {
-        let observer = &observer;
-        let sleeping = sleeping.clone();
+    poll_db("the hygiene pass sleeping in its statement", || {
+        let (observer, instance) = (&observer, leader.candidate.instance());
+        let sleeping = "state = 'active' AND query LIKE '%pg_sleep%'";
         async move {
-            observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
-                    &[&sleeping],
-                )
+            sessions(observer, instance, "hygiene", sleeping)
                 .await
-                .unwrap()
-                .get::<_, i64>(0)
+                .len()
+                == 1
         }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count_sleeping().await == 0 {
-        assert!(Instant::now() < deadline, "the hygiene pass never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     let standby = start(&db, settings, vec![slo(20)]);
     let asked = Instant::now();
     leader.shutdown.cancel();
@@ -847,34 +1063,34 @@ async fn shutdown_during_a_long_statement_cancels_it_within_the_grace_and_releas
         stopped_in < Duration::from_secs(3),
         "stopping took {stopped_in:?}: the running statement was waited for"
     );
-    eventually("the standby leads with epoch 2", || {
-        standby.recorder.acquired() == vec![2]
-    })
-    .await;
+    standby
+        .recorder
+        .until("the standby leads with epoch 2", || {
+            standby.recorder.acquired() == vec![2]
+        })
+        .await;
     standby.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notify_wakes_the_promoter_long_before_its_interval() {
-    use steward_branches::promote_scheduled::{Config, PromoteScheduled};
     use steward_queue::{JobState, NewJob, Queue};
     let db = TestDb::new().await;
-    let queue = Queue::new(db.pool(2), db.schema());
+    let queue = Queue::new(db.pool(2));
     // Interval 60 s: with an empty queue the promoter publishes a wake-up a minute away, so
     // only the producer's NOTIFY can make it promote a job due in 300 ms any sooner.
-    let promote = PromoteScheduled::new(Config {
-        interval: Duration::from_secs(60),
-        ..Config::default()
-    });
-    let leader = start(&db, fast_settings(LoopMode::Split), vec![Arc::new(promote)]);
-    eventually("the promoter ran once and published its wake-up", || {
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .any(|r| r.branch == "promote_scheduled" && r.result == RunResult::Ok)
-    })
-    .await;
+    let promote = promoter(Duration::from_secs(60));
+    let leader = start(&db, fast_settings(LoopMode::Split), vec![promote]);
+    leader
+        .recorder
+        .until("the promoter ran once and published its wake-up", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .any(|r| r.branch == "promote_scheduled" && r.result == RunResult::Ok)
+        })
+        .await;
     let steward_queue::Enqueued::New(id) = queue
         .enqueue(&NewJob::new("soon").run_in(Duration::from_millis(300)))
         .await
@@ -882,14 +1098,17 @@ async fn a_notify_wakes_the_promoter_long_before_its_interval() {
     else {
         panic!("a job without a unique key is always new")
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while queue.get(id).await.unwrap().unwrap().state != JobState::Available {
-        assert!(
-            Instant::now() < deadline,
-            "the job was not promoted within 20 s: the NOTIFY did not wake the loop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    leader
+        .recorder
+        .until_within(
+            "a promoting pass (else the NOTIFY did not wake the loop)",
+            Duration::from_secs(20),
+            || leader.recorder.first_rows("promote_scheduled").is_some(),
+        )
+        .await;
+    // The pass's commit is visible before the loop reports the pass.
+    let state = queue.get(id).await.unwrap().unwrap().state;
+    assert_eq!(state, JobState::Available);
     leader.stop().await;
 }
 
@@ -902,39 +1121,73 @@ async fn an_idle_loop_keeps_reporting_progress_between_rare_passes() {
         fast_settings(LoopMode::Split),
         vec![slo(20), hygiene(3_600_000, 0)],
     );
-    eventually("the hourly branch ran once", || {
+    leader
+        .recorder
+        .until("the hourly branch ran once", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .any(|r| r.branch == "test_hygiene")
+        })
+        .await;
+    let pass = leader
+        .recorder
+        .runs()
+        .iter()
+        .find(|r| r.branch == "test_hygiene")
+        .unwrap()
+        .end;
+    // While idle, the loop reports progress every second or so: wait for four such reports
+    // after the one that follows the pass, about four seconds.
+    let after_pass = || -> Vec<Instant> {
+        let progress = leader.recorder.progress_of("hygiene");
+        progress.into_iter().filter(|at| *at >= pass).collect()
+    };
+    leader
+        .recorder
+        .until("four progress reports of the idle hygiene loop", || {
+            after_pass().len() >= 5
+        })
+        .await;
+    let mut last = pass;
+    for at in after_pass() {
+        assert!(
+            at - last < Duration::from_secs(3),
+            "the idle loop went {:?} without reporting progress",
+            at - last
+        );
+        last = at;
+    }
+    assert_eq!(
         leader
             .recorder
             .runs()
             .iter()
-            .any(|r| r.branch == "test_hygiene")
-    })
-    .await;
-    let first_pass = Instant::now();
-    eventually(
-        "the hygiene loop reported progress well after its only pass",
-        || {
-            let since = leader
-                .candidate
-                .health()
-                .snapshot()
-                .loops
-                .get("hygiene")
-                .copied();
-            first_pass.elapsed() > Duration::from_secs(4)
-                && since.is_some_and(|s| s < Duration::from_secs(3))
-        },
-    )
-    .await;
+            .filter(|r| r.branch == "test_hygiene")
+            .count(),
+        1,
+        "the hourly branch ran again"
+    );
+    let since = leader
+        .candidate
+        .health()
+        .snapshot()
+        .loops
+        .get("hygiene")
+        .copied();
+    assert!(
+        since.is_some_and(|s| s < Duration::from_secs(3)),
+        "/healthz sees the hygiene loop idle for {since:?}"
+    );
     leader.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescues_hold_off_while_the_database_stalls() {
-    use steward_branches::rescue_stale_heartbeats::{Config, RescueStaleHeartbeats};
     use steward_queue::{JobState, NewJob, Queue};
     let db = TestDb::new().await;
-    let queue = Queue::new(db.pool(2), db.schema());
+    let queue = Queue::new(db.pool(2));
     queue.enqueue(&NewJob::new("looks-dead")).await.unwrap();
     let job = queue.claim("default", 1).await.unwrap()[0].lease;
     db.client()
@@ -948,22 +1201,20 @@ async fn rescues_hold_off_while_the_database_stalls() {
         stall_threshold: Duration::from_nanos(1),
         ..fast_settings(LoopMode::Split)
     };
-    let rescue = RescueStaleHeartbeats::new(Config {
-        interval: Duration::from_millis(50),
-        staleness: Duration::from_secs(1),
-        ..Config::default()
-    });
-    let leader = start(&db, settings, vec![Arc::new(rescue), slo(50)]);
-    eventually("the SLO loop runs its other branch", || {
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .filter(|r| r.branch == "test_slo")
-            .count()
-            >= 40
-    })
-    .await;
+    let rescue = heartbeat_rescue(Duration::from_millis(50), Duration::from_secs(1));
+    let leader = start(&db, settings, vec![rescue, slo(50)]);
+    leader
+        .recorder
+        .until("the SLO loop runs its other branch", || {
+            leader
+                .recorder
+                .runs()
+                .iter()
+                .filter(|r| r.branch == "test_slo")
+                .count()
+                >= 40
+        })
+        .await;
     // 40 passes of the 50 ms sibling: at least 2 s, two quiet periods, of stalls.
     let state = queue.get(job.job_id).await.unwrap().unwrap().state;
     assert_eq!(state, JobState::Running, "a rescue acted during a stall");

@@ -109,10 +109,9 @@ pub fn due_channel(schema: &SchemaName) -> String {
 }
 
 impl Queue {
-    /// `_schema` is the schema `pool`'s connections are pinned to. The statements do not need
-    /// it (they resolve through the pinned search_path, and `wake_promoter` knows its own
-    /// channel); it is kept so that callers need not change.
-    pub fn new(pool: Pool, _schema: &SchemaName) -> Self {
+    /// A queue over `pool`, whose sessions must be pinned to the queue's schema
+    /// ([`steward_connection::Target::pool`]).
+    pub fn new(pool: Pool) -> Self {
         Self {
             pool,
             retry: RetryPolicy::default(),

@@ -8,7 +8,7 @@ use steward_queue::{
 use steward_testkit::TestDb;
 
 fn queue(db: &TestDb) -> Queue {
-    Queue::new(db.pool(8), db.schema())
+    Queue::new(db.pool(8))
 }
 
 async fn claim_one(q: &Queue, queue_name: &str) -> steward_queue::ClaimedJob {
@@ -431,7 +431,7 @@ async fn a_stale_worker_cannot_touch_the_next_run() {
 #[tokio::test]
 async fn concurrent_claimers_never_claim_a_job_twice() {
     let db = TestDb::new().await;
-    let q = Queue::new(db.pool(16), db.schema());
+    let q = Queue::new(db.pool(16));
     let jobs: Vec<NewJob> = (0..3000)
         .map(|i| NewJob::new("k").args(json!({ "i": i })))
         .collect();

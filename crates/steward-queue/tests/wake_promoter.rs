@@ -121,7 +121,7 @@ async fn it_works_from_a_session_without_the_schema_on_its_search_path() {
     );
 
     // The client's enqueues in that schema wake its promoter, single and batched.
-    let queue = Queue::new(target.pool(2).unwrap(), &schema);
+    let queue = Queue::new(target.pool(2).unwrap());
     queue
         .enqueue(&NewJob::new("k").run_in(Duration::from_secs(60)))
         .await

@@ -191,10 +191,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     write_command(&command, &url, &schema)?;
 
     let mut monitor = Monitor::connect(&target).await?;
-    let queue = Queue::new(
-        target.pool(16).context("creating the workload's pool")?,
-        &schema,
-    );
+    let queue = Queue::new(target.pool(16).context("creating the workload's pool")?);
     let mut fleet = Fleet::new(&url, schema.as_str(), SETTINGS, &log_dir)?;
     let driven = drive(
         duration,

@@ -1,9 +1,104 @@
-//! Shared by the branch tests: run a branch pass the way a loop would.
+//! Shared by the branch tests: build a branch from its settings, run a pass the way a loop
+//! would, and look at the result.
+//!
+//! The conformance suites (`rescues.rs`, `admin_metadata.rs`) build their branches, queues and
+//! promoter only through the helpers here, so that a change of those APIs is adapted here.
 #![allow(dead_code)]
 
-use steward_branches::{Branch, BranchContext, BranchError, Outcome};
+use std::sync::Arc;
+use steward_branches::promote_scheduled::{self, PromoteScheduled};
+use steward_branches::{Branch, BranchContext, BranchError, BranchesConfig, Outcome};
+use steward_queue::Queue;
 use steward_testkit::TestDb;
 use tokio_postgres::Client;
+
+/// Stamps out the test functions of a conformance suite for one subject: a `#[tokio::test]`
+/// for each case after `async:` and a `#[test]` for each after `sync:`, each calling the
+/// function of the same name at the crate root with `&$subject`. Used in a module named after
+/// the subject, so that a failure names it (`conformance::<subject>::<case>`).
+#[allow(unused_macros)]
+macro_rules! cases {
+    ($subject:expr; async: $($case:ident),+; sync: $($sync:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                crate::$case(&$subject).await
+            }
+        )+
+        $(
+            #[test]
+            fn $sync() {
+                crate::$sync(&$subject)
+            }
+        )+
+    };
+}
+
+/// The branch settings as the binary reads them, with `settings` (TOML, as in the branch's
+/// `[branches.<name>]` table; empty for the defaults) for the branch `name`.
+pub fn config(name: &str, settings: &str) -> Result<BranchesConfig, String> {
+    let table: toml::Table = settings.parse().map_err(|e| format!("{e}"))?;
+    let mut branches = toml::Table::new();
+    branches.insert(name.to_owned(), toml::Value::Table(table));
+    branches.try_into().map_err(|e| format!("{e}"))
+}
+
+/// The keys (relative to the branch's table) that validation reports for `settings`, in
+/// order, or the error that refused them.
+pub fn config_problems(name: &str, settings: &str) -> Result<Vec<String>, String> {
+    let prefix = format!("branches.{name}.");
+    Ok(config(name, settings)?
+        .validate()
+        .into_iter()
+        .map(|p| p.key.strip_prefix(&prefix).unwrap_or(&p.key).to_owned())
+        .collect())
+}
+
+/// The branch `name` built the way the binary builds it, from `settings` (see [`config`]).
+/// Panics on settings that do not parse or validate: a test's settings must be valid.
+pub fn branch(name: &str, settings: &str) -> Arc<dyn Branch> {
+    let config = config(name, settings).unwrap_or_else(|e| panic!("{name} settings: {e}"));
+    let problems = config.validate();
+    assert!(problems.is_empty(), "{name} settings: {problems:?}");
+    config
+        .build()
+        .into_iter()
+        .find(|b| b.name() == name)
+        .unwrap_or_else(|| panic!("no branch {name} built from {settings:?}"))
+}
+
+/// The promoter with its default settings.
+pub fn promoter() -> PromoteScheduled {
+    PromoteScheduled::new(promote_scheduled::Config::default())
+}
+
+/// A queue client on a pool of `connections` to the test database.
+pub fn queue(db: &TestDb, connections: usize) -> Queue {
+    Queue::new(db.pool(connections))
+}
+
+/// Asserts that a pass under [`EPOCH`] - 1 was refused by the fence, naming both epochs.
+pub fn assert_fenced(err: BranchError) {
+    assert!(
+        matches!(err, BranchError::Fenced { epoch, current } if epoch == EPOCH - 1 && current == EPOCH),
+        "{err:?}"
+    );
+}
+
+/// The plan PostgreSQL prints for `query` (an EXPLAIN).
+pub async fn explain(client: &Client, query: &str) -> String {
+    client
+        .simple_query(query)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// The epoch tests run their branches under.
 pub const EPOCH: i64 = 7;
