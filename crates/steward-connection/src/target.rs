@@ -287,6 +287,31 @@ impl fmt::Debug for Target {
     }
 }
 
+/// A dedicated session of a target, opened when first needed and again whenever it has ended:
+/// for periodic work on a connection of its own, which must survive a restart of the server.
+pub struct Reconnecting {
+    target: Target,
+    client: Option<Client>,
+}
+
+impl Reconnecting {
+    pub fn new(target: Target) -> Self {
+        Self {
+            target,
+            client: None,
+        }
+    }
+
+    /// The open session, or a new one when there is none or it has ended.
+    pub async fn get(&mut self) -> Result<&Client, ConnectError> {
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.target.connect().await?,
+        };
+        Ok(self.client.insert(client))
+    }
+}
+
 /// What runs a new session's I/O; every connection needs a task driving it, whatever its
 /// TLS stream type.
 trait Drive: Send + 'static {

@@ -7,7 +7,9 @@
 //! term's start and end.
 
 use std::time::{Duration, Instant};
-use steward_connection::{describe_pg_error, ConnectError, Ended, SchemaName, Target};
+use steward_connection::{
+    describe_pg_error, ConnectError, Ended, Reconnecting, SchemaName, Target,
+};
 use tokio_postgres::Client;
 
 /// The name of a schema's leadership lock; its advisory lock key is `hashtextextended` of it.
@@ -143,7 +145,7 @@ pub async fn watch_for_wedged_leader(
     check_every: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut client: Option<Client> = None;
+    let mut session = Reconnecting::new(target);
     let mut tick = tokio::time::interval(check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -151,10 +153,7 @@ pub async fn watch_for_wedged_leader(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = target.connect().await.ok();
-        }
-        let Some(c) = client.as_ref() else { continue };
+        let Ok(c) = session.get().await else { continue };
         let row = match c.query_opt(LEADER_PROGRESS, &[]).await {
             Ok(row) => row,
             Err(error) => {

@@ -158,6 +158,10 @@ impl Recorder {
     fn runs(&self) -> Vec<Run> {
         self.runs.lock().unwrap().clone()
     }
+    /// How many passes of `branch` have been reported.
+    fn passes(&self, branch: &str) -> usize {
+        self.runs().iter().filter(|r| r.branch == branch).count()
+    }
     /// Passes of `branch` that succeeded.
     fn ok_runs(&self, branch: &str) -> Vec<Run> {
         self.runs()
@@ -489,13 +493,7 @@ async fn a_branch_with_its_own_loop_does_not_hold_back_its_class_siblings() {
         leader
             .recorder
             .until("two long passes of the busy branch", || {
-                leader
-                    .recorder
-                    .runs()
-                    .iter()
-                    .filter(|r| r.branch == "test_busy")
-                    .count()
-                    >= 2
+                leader.recorder.passes("test_busy") >= 2
             })
             .await;
         let recorder = leader.recorder.clone();
@@ -537,13 +535,7 @@ async fn split_mode_keeps_slo_branches_running_during_a_slow_hygiene_pass() {
     leader
         .recorder
         .until("two slow hygiene passes", || {
-            leader
-                .recorder
-                .runs()
-                .iter()
-                .filter(|r| r.branch == "test_hygiene")
-                .count()
-                >= 2
+            leader.recorder.passes("test_hygiene") >= 2
         })
         .await;
     let overlapping = slo_runs_during_hygiene(&leader.recorder.runs());
@@ -573,13 +565,7 @@ async fn monolithic_mode_runs_one_branch_at_a_time_and_shows_the_starved_branch(
     leader
         .recorder
         .until("four hygiene passes", || {
-            leader
-                .recorder
-                .runs()
-                .iter()
-                .filter(|r| r.branch == "test_hygiene")
-                .count()
-                >= 4
+            leader.recorder.passes("test_hygiene") >= 4
         })
         .await;
     assert_eq!(slo_runs_during_hygiene(&leader.recorder.runs()), 0);
@@ -1160,12 +1146,7 @@ async fn an_idle_loop_keeps_reporting_progress_between_rare_passes() {
         last = at;
     }
     assert_eq!(
-        leader
-            .recorder
-            .runs()
-            .iter()
-            .filter(|r| r.branch == "test_hygiene")
-            .count(),
+        leader.recorder.passes("test_hygiene"),
         1,
         "the hourly branch ran again"
     );
@@ -1206,13 +1187,7 @@ async fn rescues_hold_off_while_the_database_stalls() {
     leader
         .recorder
         .until("the SLO loop runs its other branch", || {
-            leader
-                .recorder
-                .runs()
-                .iter()
-                .filter(|r| r.branch == "test_slo")
-                .count()
-                >= 40
+            leader.recorder.passes("test_slo") >= 40
         })
         .await;
     // 40 passes of the 50 ms sibling: at least 2 s, two quiet periods, of stalls.

@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use steward_connection::Target;
+use steward_connection::{Reconnecting, Target};
 use steward_leader::HealthRegistry;
 use tokio::sync::Mutex;
 
@@ -20,9 +20,8 @@ pub struct HttpState {
     pub instance: String,
     /// `/healthz` fails when a loop of the current term finished no iteration for this long.
     pub loop_stall_limit: Duration,
-    /// Where `/readyz`'s probe connects.
-    pub target: Target,
-    probe_client: Arc<Mutex<Option<tokio_postgres::Client>>>,
+    /// `/readyz`'s probe session.
+    probe: Arc<Mutex<Reconnecting>>,
 }
 
 impl HttpState {
@@ -38,8 +37,9 @@ impl HttpState {
             health,
             instance,
             loop_stall_limit,
-            target: target.named("steward:readyz"),
-            probe_client: Arc::new(Mutex::new(None)),
+            probe: Arc::new(Mutex::new(Reconnecting::new(
+                target.named("steward:readyz"),
+            ))),
         }
     }
 }
@@ -97,16 +97,11 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let mut client = state.probe_client.lock().await;
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = match tokio::time::timeout(Duration::from_secs(2), state.target.connect()).await {
-            Ok(Ok(c)) => Some(c),
-            Ok(Err(e)) => return unready(e.to_string()),
-            Err(_) => return unready("connecting timed out after 2s".into()),
-        };
-    }
-    let Some(c) = client.as_ref() else {
-        return unready("no connection".into());
+    let mut probe = state.probe.lock().await;
+    let c = match tokio::time::timeout(Duration::from_secs(2), probe.get()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return unready(e.to_string()),
+        Err(_) => return unready("connecting timed out after 2s".into()),
     };
     match tokio::time::timeout(Duration::from_secs(2), c.simple_query("SELECT 1")).await {
         Ok(Ok(_)) => (

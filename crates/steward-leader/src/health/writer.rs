@@ -3,7 +3,7 @@
 
 use crate::health::{BranchHealth, HealthRegistry};
 use std::time::Duration;
-use steward_connection::{describe_pg_error, Target};
+use steward_connection::{describe_pg_error, Reconnecting, Target};
 use tokio_util::sync::CancellationToken;
 
 /// Upserts per-branch health from a batch of parallel arrays; a writer of an older term never
@@ -40,7 +40,7 @@ pub(crate) async fn health_writer(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut session = Reconnecting::new(target);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -48,16 +48,13 @@ pub(crate) async fn health_writer(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match target.connect().await {
-                Ok(c) => Some(c),
-                Err(error) => {
-                    tracing::warn!(%error, "health writer cannot reach the database");
-                    continue;
-                }
-            };
-        }
-        let Some(c) = client.as_ref() else { continue };
+        let c = match session.get().await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "health writer cannot reach the database");
+                continue;
+            }
+        };
         match c.execute(MARK_PROGRESS, &[&epoch]).await {
             Ok(0) => return,
             Ok(_) => {}
