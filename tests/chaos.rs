@@ -292,19 +292,19 @@ fn postgres_fast_restart_under_load_one_leader_again() {
         context,
     );
     let client = rt.block_on(private.client("chaos-check"));
-    let (db_instance, terms): (String, i64) = rt.block_on(async {
-        let row = client
-            .query_one(
-                "SELECT (SELECT instance FROM leader), (SELECT count(*) FROM leader_terms)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1))
-    });
+    let status = rt
+        .block_on(steward_leader::status::read(
+            &client,
+            &SchemaName::default(),
+        ))
+        .unwrap();
+    let term = status.leader.expect("the leadership lock is held");
     let leading = views.iter().find(|v| v.0).unwrap();
-    assert_eq!(leading.1, db_instance, "views {views:?}");
-    assert_eq!(terms, 2, "one term before the restart, exactly one after");
+    assert_eq!(leading.1, term.instance, "views {views:?}");
+    assert_eq!(
+        term.epoch, 2,
+        "one term before the restart, exactly one after"
+    );
 
     std::thread::sleep(Duration::from_secs(5));
     let (verified, drained, counts) = finish(&rt, &client, workload);
