@@ -80,9 +80,10 @@ ORDER BY s.name";
 /// same instant waits for that pass and then conflicts, so it inserts no job: exactly once per
 /// (schedule, fire_at) by the primary key of `cron_fires`. Jobs due later are 'scheduled'
 /// (promote_scheduled, via jobs_due_idx, makes them available on time); jobs already due are
-/// 'available'. Same wake-up rule as the queue client's ENQUEUE_BATCH: `wake_promoter` of the
-/// earliest new scheduled job (migration V8). Returns the number of jobs inserted, and 1 when a
-/// NOTIFY was sent, else 0.
+/// 'available'. Same wake-up rules as the queue client's ENQUEUE_BATCH: `wake_promoter` of the
+/// earliest new scheduled job (migration V8), `wake_workers` of the queue when a job is available
+/// at once (V9). Returns the number of jobs inserted, 1 when the promoter was notified (else 0),
+/// and 1 when the workers were.
 pub const ENQUEUE_FIRES: &str = "
 WITH fire AS (
     INSERT INTO cron_fires (schedule_name, fire_at, job_id)
@@ -101,8 +102,10 @@ WITH fire AS (
     RETURNING state, run_at
 ), wake AS (
     SELECT wake_promoter(min(run_at)) AS sent FROM job WHERE state = 'scheduled'
+), woken AS (
+    SELECT wake_workers(array_agg($3::text)) FROM job WHERE state = 'available'
 )
-SELECT count(*), (SELECT count(*) FROM wake WHERE sent) FROM job";
+SELECT count(*), (SELECT count(*) FROM wake WHERE sent), (SELECT count(*) FROM woken) FROM job";
 
 /// Deletes up to $2 fire records enqueued more than $1 seconds ago, oldest first. Index:
 /// cron_fires_enqueued_idx; the delete itself goes by the primary key. No `FOR UPDATE SKIP

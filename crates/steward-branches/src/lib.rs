@@ -88,6 +88,12 @@ pub trait Branch: Send + Sync {
     fn quiet_period(&self) -> Option<Duration> {
         None
     }
+    /// For the branch that rescues runs whose heartbeat stopped: its staleness, which the leader
+    /// publishes for workers (`leader.heartbeat_staleness`), so that a worker can check that it
+    /// heartbeats often enough.
+    fn heartbeat_staleness(&self) -> Option<Duration> {
+        None
+    }
     /// One pass. Writes go through [`BranchContext::fenced`].
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError>;
 }

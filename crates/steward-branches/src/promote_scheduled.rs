@@ -25,17 +25,20 @@ use tokio_postgres::types::Type;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
 /// are skipped. The locked row versions are updated by `ctid` (a TID scan; see
-/// `rescue_statement!` for why not by id). Index: jobs_due_idx. Returns each job's lag in
-/// seconds.
+/// `rescue_statement!` for why not by id). Index: jobs_due_idx. Wakes the workers of the queues
+/// that got jobs (`wake_workers`, delivered at commit). Returns each job's lag in seconds.
 pub const PROMOTE: &str = "
-UPDATE jobs j SET state = 'available'
-WHERE j.ctid = ANY(ARRAY(
-    SELECT ctid FROM jobs
-    WHERE state IN ('scheduled', 'retryable') AND run_at <= now()
-    ORDER BY run_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED))
-RETURNING extract(epoch FROM clock_timestamp() - j.run_at)::float8";
+WITH promoted AS (
+    UPDATE jobs j SET state = 'available'
+    WHERE j.ctid = ANY(ARRAY(
+        SELECT ctid FROM jobs
+        WHERE state IN ('scheduled', 'retryable') AND run_at <= now()
+        ORDER BY run_at, id
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED))
+    RETURNING j.queue, extract(epoch FROM clock_timestamp() - j.run_at)::float8 AS lag
+)
+SELECT lag FROM promoted, (SELECT wake_workers(array_agg(queue)) FROM promoted) woken";
 
 /// Plans the promoter's next wake-up: at the earliest scheduled/retryable job, but never
 /// sooner than $1 nor later than $2 seconds from now. Publishes it in

@@ -96,6 +96,10 @@ impl Branch for RescueStaleHeartbeats {
         Some(self.config.effective_quiet_period())
     }
 
+    fn heartbeat_staleness(&self) -> Option<Duration> {
+        Some(self.config.staleness)
+    }
+
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
         let staleness = self.config.staleness.as_secs_f64();
         rescue::run_batches(

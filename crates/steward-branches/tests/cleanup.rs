@@ -454,9 +454,9 @@ fn config_parses_overrides_and_rejects_unknown_keys_and_bad_values() {
         keys,
         vec![
             "batch_size",
+            "max_batches_per_run",
             "retention.cancelled",
             "queues.emails.failed",
-            "max_batches_per_run"
         ]
     );
 }

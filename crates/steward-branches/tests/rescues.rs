@@ -76,8 +76,8 @@ const HEARTBEATS: Rescue = Rescue {
          [retry]\nbase = \"10s\"\nmax = \"1s\"\njitter = 2.0",
         &[
             "batch_size",
-            "staleness",
             "max_batches_per_run",
+            "staleness",
             "retry.max",
             "retry.jitter",
         ],

@@ -165,6 +165,9 @@ impl Candidate {
                     self.instance(),
                     self.instance.host(),
                     std::process::id() as i32,
+                    self.plan
+                        .branches()
+                        .find_map(|(_, branch)| branch.heartbeat_staleness()),
                 )
                 .await
             {

@@ -36,7 +36,8 @@ WITH previous AS (
 ), opened AS (
     UPDATE leader SET epoch = previous.epoch + 1, instance = $1, host = $2, pid = $3,
         backend_pid = pg_backend_pid(), since = now(), last_progress_at = clock_timestamp(),
-        resigned_at = NULL, promote_wakeup_at = NULL
+        resigned_at = NULL, promote_wakeup_at = NULL,
+        heartbeat_staleness = $4::float8 * interval '1 second'
     FROM previous
     WHERE leader.id = 1
     RETURNING leader.epoch
@@ -81,15 +82,19 @@ impl LeaderSession {
             .map(|_| ())
     }
 
+    /// Opens a term; `heartbeat_staleness` is published for workers (see
+    /// [`steward_branches::Branch::heartbeat_staleness`]).
     pub async fn start_term(
         &self,
         instance: &str,
         host: &str,
         pid: i32,
+        heartbeat_staleness: Option<Duration>,
     ) -> Result<i64, tokio_postgres::Error> {
+        let staleness = heartbeat_staleness.map(|s| s.as_secs_f64());
         Ok(self
             .client
-            .query_one(START_TERM, &[&instance, &host, &pid])
+            .query_one(START_TERM, &[&instance, &host, &pid, &staleness])
             .await?
             .get(0))
     }

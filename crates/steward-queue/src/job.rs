@@ -175,6 +175,14 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// From the first two columns (job id, run lease) of a row.
+    pub(crate) fn from_row(row: &Row) -> Self {
+        Self {
+            job_id: row.get(0),
+            run_lease: row.get(1),
+        }
+    }
+
     pub(crate) fn lost(self) -> QueueError {
         QueueError::LeaseLost {
             job_id: self.job_id,

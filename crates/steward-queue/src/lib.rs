@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::time::Duration;
 use steward_connection::SchemaName;
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,56 @@ pub enum FailOutcome {
     Failed,
 }
 
+/// One failed attempt for [`Queue::fail_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub lease: Lease,
+    pub error: String,
+    /// Recorded in the errors entry: `error`, `panic`, `timeout`...
+    pub reason: &'static str,
+    /// Fail at once instead of retrying.
+    pub permanent: bool,
+}
+
+/// What one heartbeat statement found, lease by lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    pub renewed: Vec<Lease>,
+    /// Still held, but another transaction held the row (its completion, a rescuer deciding):
+    /// not renewed this time, to be tried again.
+    pub busy: Vec<Lease>,
+    /// Rescued, cancelled, finished or claimed again: the run is no longer this lease's.
+    pub lost: Vec<Lease>,
+}
+
+/// Renews the heartbeats of `leases` in one statement ([`sql::HEARTBEAT_MANY`]) on `client`,
+/// which may be a dedicated session (a worker's heartbeats never wait for its pool). It never
+/// waits for a row lock.
+pub async fn heartbeat_leases(
+    client: &tokio_postgres::Client,
+    leases: &[Lease],
+) -> Result<HeartbeatReport> {
+    let (ids, runs) = split(leases);
+    let mut report = HeartbeatReport::default();
+    // Typed parameters: parse, bind and execute in one round trip, on any session.
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&ids, Type::INT8_ARRAY), (&runs, Type::INT8_ARRAY)];
+    for row in client.query_typed(sql::HEARTBEAT_MANY, &params).await? {
+        let lease = Lease::from_row(&row);
+        match (row.get::<_, bool>(2), row.get::<_, bool>(3)) {
+            (true, _) => report.renewed.push(lease),
+            (false, true) => report.busy.push(lease),
+            (false, false) => report.lost.push(lease),
+        }
+    }
+    Ok(report)
+}
+
+/// Job ids and run leases as the parallel arrays the batch statements take.
+fn split<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> (Vec<i64>, Vec<i64>) {
+    leases.into_iter().map(|l| (l.job_id, l.run_lease)).unzip()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
     Complete,
@@ -99,6 +150,12 @@ pub enum Resolution {
 pub struct Queue {
     pool: Pool,
     retry: RetryPolicy,
+}
+
+/// The NOTIFY channel on which `wake_workers` tells workers that jobs of a queue (the payload)
+/// became available.
+pub fn available_channel(schema: &SchemaName) -> String {
+    format!("{schema}_available")
 }
 
 /// The NOTIFY channel that wakes the promoter of `schema`, where the promoter LISTENs. Producers
@@ -215,9 +272,19 @@ impl Queue {
 
     /// Claims up to `limit` available jobs of `queue`: each becomes running with a new lease.
     pub async fn claim(&self, queue: &str, limit: i64) -> Result<Vec<ClaimedJob>> {
+        self.claim_kinds(queue, None, limit).await
+    }
+
+    /// [`Self::claim`], only jobs of `kinds` when given.
+    pub async fn claim_kinds(
+        &self,
+        queue: &str,
+        kinds: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Vec<ClaimedJob>> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql::CLAIM).await?;
-        let rows = client.query(&statement, &[&queue, &limit]).await?;
+        let rows = client.query(&statement, &[&queue, &limit, &kinds]).await?;
         Ok(rows.iter().map(ClaimedJob::from_row).collect())
     }
 
@@ -225,26 +292,73 @@ impl Queue {
         self.guarded(sql::HEARTBEAT, lease).await
     }
 
-    /// Heartbeats many runs in one statement; returns the leases that were lost.
+    /// Heartbeats many runs in one statement (see [`heartbeat_leases`]); returns the leases
+    /// that were lost.
     pub async fn heartbeat_many(&self, leases: &[Lease]) -> Result<Vec<Lease>> {
-        let ids: Vec<i64> = leases.iter().map(|l| l.job_id).collect();
-        let runs: Vec<i64> = leases.iter().map(|l| l.run_lease).collect();
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::HEARTBEAT_MANY).await?;
-        let alive: std::collections::HashSet<Lease> = client
-            .query(&statement, &[&ids, &runs])
-            .await?
+        Ok(heartbeat_leases(&client, leases).await?.lost)
+    }
+
+    /// Completes many runs in one statement, each guarded by its lease; returns the leases
+    /// completed (the others had been lost).
+    pub async fn complete_many(&self, leases: &[Lease]) -> Result<Vec<Lease>> {
+        let (ids, runs) = split(leases);
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::COMPLETE_MANY).await?;
+        let rows = client.query(&statement, &[&ids, &runs]).await?;
+        Ok(rows.iter().map(Lease::from_row).collect())
+    }
+
+    /// Records many failed attempts in one statement (each as [`Self::fail`] or
+    /// [`Self::fail_permanently`] would); returns the outcome of each run still held.
+    pub async fn fail_many(&self, failures: &[Failure]) -> Result<Vec<(Lease, FailOutcome)>> {
+        let (ids, runs) = split(failures.iter().map(|f| &f.lease));
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let reasons: Vec<&str> = failures.iter().map(|f| f.reason).collect();
+        let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
+        let (base, max, jitter) = self.retry.sql_params();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::FAIL_MANY).await?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &ids, &runs, &errors, &reasons, &permanent, &base, &max, &jitter,
+                ],
+            )
+            .await?;
+        Ok(rows
             .iter()
-            .map(|r| Lease {
-                job_id: r.get(0),
-                run_lease: r.get(1),
+            .map(|row| {
+                let outcome = if row.get::<_, &str>(2) == "failed" {
+                    FailOutcome::Failed
+                } else {
+                    FailOutcome::Retrying { run_at: row.get(3) }
+                };
+                (Lease::from_row(row), outcome)
             })
-            .collect();
-        Ok(leases
-            .iter()
-            .copied()
-            .filter(|l| !alive.contains(l))
             .collect())
+    }
+
+    /// Hands runs back without using up an attempt (a worker shutting down): they are
+    /// available again at once. Returns the leases released (the others had been lost).
+    pub async fn release_many(&self, leases: &[Lease], why: &str) -> Result<Vec<Lease>> {
+        let (ids, runs) = split(leases);
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::RELEASE_MANY).await?;
+        let rows = client.query(&statement, &[&ids, &runs, &why]).await?;
+        Ok(rows.iter().map(Lease::from_row).collect())
+    }
+
+    /// The staleness at which the leader rescues a run whose heartbeat stopped, as published
+    /// when its term started; `None` before any term, or when that rescue is disabled.
+    pub async fn published_staleness(&self) -> Result<Option<Duration>> {
+        let client = self.pool.get().await?;
+        let secs: Option<f64> = client
+            .query_one(sql::PUBLISHED_STALENESS, &[])
+            .await?
+            .get(0);
+        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s).ok()))
     }
 
     pub async fn complete(&self, lease: Lease) -> Result<()> {

@@ -3,7 +3,8 @@
 
 /// Single enqueue. Conflicts only on `jobs_unique_key_idx`. A new scheduled job wakes the
 /// promoter when it is due before the promoter's own next wake-up (`wake_promoter`, migration
-/// V8); other enqueues send nothing. The second column is 1 when a NOTIFY was sent, else 0.
+/// V8); a job available at once wakes its queue's workers (`wake_workers`, V9). The second
+/// column is 1 when the promoter was notified, else 0; the third, when the workers were.
 pub const ENQUEUE: &str = "
 WITH ins AS (
     INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
@@ -13,11 +14,13 @@ WITH ins AS (
             $4, $4, $5, $6, $7::int8 * interval '1 millisecond', $8)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('failed', 'cancelled')
     DO NOTHING
-    RETURNING id, state, run_at
+    RETURNING id, queue, state, run_at
 ), wake AS (
     SELECT wake_promoter(run_at) AS sent FROM ins WHERE state = 'scheduled'
+), woken AS (
+    SELECT wake_workers(array_agg(queue)) AS queues FROM ins WHERE state = 'available'
 )
-SELECT id, (SELECT count(*) FROM wake WHERE sent) FROM ins";
+SELECT id, (SELECT count(*) FROM wake WHERE sent), (SELECT queues FROM woken) FROM ins";
 
 /// The job holding a unique key (after ENQUEUE hit a conflict). Index: jobs_unique_key_idx.
 pub const FIND_UNIQUE: &str = "
@@ -25,9 +28,10 @@ SELECT id FROM jobs
 WHERE unique_key = $1 AND state NOT IN ('failed', 'cancelled')";
 
 /// Batch enqueue from parallel arrays in one statement (UNNEST). Duplicate unique keys are
-/// skipped. Same wake-up rule as ENQUEUE, applied once, to the earliest new scheduled job of the
-/// batch (`wake_promoter` of NULL, when there is none, sends nothing); each row's second column
-/// is 1 when a NOTIFY was sent, else 0.
+/// skipped. Same wake-up rules as ENQUEUE, applied once per batch: the promoter for the earliest
+/// new scheduled job (`wake_promoter` of NULL, when there is none, sends nothing), the workers of
+/// each queue that got an available job. Each row's second column is 1 when the promoter was
+/// notified, else 0.
 pub const ENQUEUE_BATCH: &str = "
 WITH ins AS (
     INSERT INTO jobs (queue, kind, args, state, priority, original_priority, max_attempts,
@@ -40,18 +44,21 @@ WITH ins AS (
     ORDER BY ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('failed', 'cancelled')
     DO NOTHING
-    RETURNING id, state, run_at
+    RETURNING id, queue, state, run_at
 ), wake AS (
     SELECT wake_promoter(min(run_at)) AS sent FROM ins WHERE state = 'scheduled'
+), woken AS (
+    SELECT wake_workers(array_agg(queue)) AS queues FROM ins WHERE state = 'available'
 )
-SELECT id, (SELECT count(*) FROM wake WHERE sent) FROM ins ORDER BY id";
+SELECT id, (SELECT count(*) FROM wake WHERE sent) FROM ins, woken ORDER BY id";
 
 /// Claim: the next available jobs of one queue, by priority then due time, skipping rows other
-/// claimers hold. Index: jobs_claim_idx.
+/// claimers hold; with $3 not NULL, only jobs of those kinds (a filter on the index scan).
+/// Index: jobs_claim_idx.
 pub const CLAIM: &str = "
 WITH picked AS (
     SELECT id FROM jobs
-    WHERE state = 'available' AND queue = $1
+    WHERE state = 'available' AND queue = $1 AND ($3::text[] IS NULL OR kind = ANY($3::text[]))
     ORDER BY priority, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -70,12 +77,72 @@ pub const HEARTBEAT: &str = "
 UPDATE jobs SET heartbeat_at = now()
 WHERE id = $1 AND run_lease = $2 AND state = 'running'";
 
-/// Heartbeat of many runs at once; returns the runs that still hold their lease.
+/// Heartbeat of many runs at once, never waiting for a row lock: a run whose row another
+/// transaction holds (its own completion, a rescuer deciding) is skipped this time. One row per
+/// lease: renewed, and still held (running under that lease, as of the statement's snapshot; a
+/// run neither renewed nor held is lost). Primary key.
 pub const HEARTBEAT_MANY: &str = "
-UPDATE jobs j SET heartbeat_at = now()
+WITH l AS (
+    SELECT * FROM unnest($1::int8[], $2::int8[]) AS l(id, lease)
+), locked AS (
+    SELECT j.ctid FROM jobs j JOIN l ON j.id = l.id
+    WHERE j.run_lease = l.lease AND j.state = 'running'
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+), renewed AS (
+    UPDATE jobs j SET heartbeat_at = now()
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM locked))
+    RETURNING j.id, j.run_lease
+)
+SELECT l.id, l.lease,
+       EXISTS (SELECT FROM renewed r WHERE r.id = l.id AND r.run_lease = l.lease),
+       EXISTS (SELECT FROM jobs j
+               WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running')
+FROM l";
+
+/// Complete many runs in one statement, each guarded by its lease; returns the runs completed
+/// (a run missing from the result had lost its lease). Primary key.
+pub const COMPLETE_MANY: &str = "
+UPDATE jobs j SET state = 'completed', finalized_at = now()
 FROM unnest($1::int8[], $2::int8[]) AS l(id, lease)
 WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running'
 RETURNING j.id, j.run_lease";
+
+/// Fail many runs in one statement, each guarded by its lease, by the rule of FAIL: $3 the
+/// errors, $4 their reasons (`error`, `panic`, `timeout`), $5 whether each is permanent, $6..$8
+/// the retry_backoff parameters. Returns each failed run's new state and due time. Primary key.
+pub const FAIL_MANY: &str = "
+UPDATE jobs j SET
+    state = CASE WHEN l.permanent OR j.attempt >= j.max_attempts THEN 'failed'::job_state
+                 ELSE 'retryable'::job_state END,
+    run_at = CASE WHEN l.permanent OR j.attempt >= j.max_attempts THEN j.run_at
+                  ELSE now() + retry_backoff(j.attempt, $6, $7, $8) END,
+    finalized_at = CASE WHEN l.permanent OR j.attempt >= j.max_attempts THEN now() END,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', now(), 'reason', l.reason, 'error', l.error))
+FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::bool[])
+     AS l(id, lease, error, reason, permanent)
+WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running'
+RETURNING j.id, j.run_lease, j.state::text, j.run_at";
+
+/// Hand runs back without using up an attempt (a worker shutting down): available again at
+/// once, with a `released` entry in `errors`, and their queues' workers woken. Each guarded by
+/// its lease; returns the runs released. Primary key.
+pub const RELEASE_MANY: &str = "
+WITH released AS (
+    UPDATE jobs j SET state = 'available', attempt = j.attempt - 1, run_at = now(),
+        deadline_at = NULL,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'at', now(), 'reason', 'released', 'error', $3::text))
+    FROM unnest($1::int8[], $2::int8[]) AS l(id, lease)
+    WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running'
+    RETURNING j.id, j.run_lease, j.queue
+)
+SELECT id, run_lease FROM released, (SELECT wake_workers(array_agg(queue)) FROM released) woken";
+
+/// The staleness the leader rescues stale heartbeats at, as published when its term started
+/// (NULL: no term yet, or that rescue is disabled). Primary key.
+pub const PUBLISHED_STALENESS: &str = "
+SELECT extract(epoch FROM heartbeat_staleness)::float8 FROM leader WHERE id = 1";
 
 /// Complete a run. Primary key; run_lease guard.
 pub const COMPLETE: &str = "

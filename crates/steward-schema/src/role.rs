@@ -5,7 +5,7 @@ use tokio_postgres::Client;
 /// What the maintenance process may do, and nothing more: the branches' reads and writes, the
 /// partition functions (which run as their owner), no DDL, no other schema. Every function it
 /// calls is granted by name, so that the role keeps working where EXECUTE is revoked from PUBLIC
-/// (cron_sync calls `wake_promoter`).
+/// (cron_sync calls `wake_promoter` and `wake_workers`, the promoter `wake_workers`).
 const GRANTS: &str = "
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON {schema}.schema_history TO {role};
@@ -22,6 +22,7 @@ GRANT EXECUTE ON FUNCTION {schema}.create_archive_partition(date) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.drop_archive_partitions_before(date) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.fence(bigint, text, text, boolean) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.wake_promoter(timestamptz) TO {role};
+GRANT EXECUTE ON FUNCTION {schema}.wake_workers(text[]) TO {role};
 ";
 
 #[derive(Debug, thiserror::Error)]
