@@ -619,7 +619,7 @@ async fn a_fire_due_before_the_promoters_wakeup_notifies_it() {
         .await
         .expect("the promoter is woken")
         .unwrap();
-    assert_eq!(got, channel);
+    assert_eq!(got.channel, channel);
 }
 
 #[tokio::test]

@@ -170,7 +170,7 @@ async fn producers_notify_only_for_jobs_due_before_the_published_wakeup() {
         .await
         .expect("the early job notifies")
         .unwrap();
-    assert_eq!(got, channel);
+    assert_eq!(got.channel, channel);
     // Exactly one: the later and the immediate job sent nothing. A sentinel NOTIFY committed
     // after them, then a round trip on the listening connection (the server delivers pending
     // notifications before it reports ready): everything sent so far has arrived, and only
@@ -195,7 +195,7 @@ async fn producers_notify_only_for_jobs_due_before_the_published_wakeup() {
     let got = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
         .await
         .unwrap();
-    assert_eq!(got.as_deref(), Some(channel.as_str()));
+    assert_eq!(got.map(|n| n.channel), Some(channel.clone()));
 }
 
 #[tokio::test]

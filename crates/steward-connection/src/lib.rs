@@ -12,5 +12,7 @@ mod tls;
 
 pub use redact::{describe_pg_error, redact_url};
 pub use schema_name::{InvalidSchemaName, SchemaName};
-pub use target::{ConnectError, Ended, Liveness, Notifications, Reconnecting, Target};
+pub use target::{
+    ConnectError, Ended, Liveness, Notification, Notifications, Reconnecting, Target,
+};
 pub use tls::{SslMode, TlsSetupError};

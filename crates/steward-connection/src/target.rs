@@ -55,8 +55,15 @@ impl Liveness {
     }
 }
 
-/// NOTIFY channel names, in the order they arrive; closed when the connection ends.
-pub type Notifications = mpsc::UnboundedReceiver<String>;
+/// One NOTIFY a listening session received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// NOTIFYs in the order they arrive; closed when the connection ends.
+pub type Notifications = mpsc::UnboundedReceiver<Notification>;
 
 /// Resolves once a watched connection has ended.
 #[derive(Clone)]
@@ -339,8 +346,8 @@ impl Drive for Watch {
     }
 }
 
-/// Drives the connection and forwards each notification's channel name.
-struct Forward(mpsc::UnboundedSender<String>);
+/// Drives the connection and forwards each notification.
+struct Forward(mpsc::UnboundedSender<Notification>);
 
 impl Drive for Forward {
     async fn drive<S, T>(self, mut connection: Connection<S, T>)
@@ -352,7 +359,10 @@ impl Drive for Forward {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                     // A closed receiver just means nobody listens any more.
-                    let _ = self.0.send(n.channel().to_owned());
+                    let _ = self.0.send(Notification {
+                        channel: n.channel().to_owned(),
+                        payload: n.payload().to_owned(),
+                    });
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => {

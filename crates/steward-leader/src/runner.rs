@@ -253,8 +253,8 @@ impl LoopTask {
             // Due already (a branch going again at once under load): no timer, whose tick
             // rounding would add up to a millisecond to every back-to-back pass. What was
             // notified meanwhile is taken in without waiting, so nothing piles up.
-            while let Ok(channel) = conn.notifications.try_recv() {
-                wake(slots, &channel);
+            while let Ok(notification) = conn.notifications.try_recv() {
+                wake(slots, &notification.channel);
             }
             return Waited::Due { index, due };
         }
@@ -263,8 +263,8 @@ impl LoopTask {
             _ = self.stop.stopped() => return Waited::Stopped,
             notification = conn.notifications.recv() => {
                 return match notification {
-                    Some(channel) => {
-                        wake(slots, &channel);
+                    Some(notification) => {
+                        wake(slots, &notification.channel);
                         Waited::Again
                     }
                     None => Waited::Lost,

@@ -2,14 +2,13 @@
 //! against `due_channel`, the channel the promoter listens on.
 
 use std::time::Duration;
-use steward_connection::{SchemaName, Target};
+use steward_connection::{Notifications, SchemaName, Target};
 use steward_queue::{due_channel, NewJob, Queue};
 use steward_testkit::TestDb;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::Client;
 
 /// A connection listening on the due channel of `target`'s schema.
-async fn listen(target: &Target) -> (Client, UnboundedReceiver<String>) {
+async fn listen(target: &Target) -> (Client, Notifications) {
     let (listener, notifications) = target.listen().await.unwrap();
     listener
         .batch_execute(&format!("LISTEN {}", due_channel(target.schema())))
@@ -18,11 +17,12 @@ async fn listen(target: &Target) -> (Client, UnboundedReceiver<String>) {
     (listener, notifications)
 }
 
-async fn next(notifications: &mut UnboundedReceiver<String>) -> String {
+async fn next(notifications: &mut Notifications) -> String {
     tokio::time::timeout(Duration::from_secs(10), notifications.recv())
         .await
         .expect("a notification within 10 s")
         .expect("the listening connection is open")
+        .channel
 }
 
 /// How many notifications besides a sentinel have arrived and not been read: the sentinel is
@@ -31,7 +31,7 @@ async fn next(notifications: &mut UnboundedReceiver<String>) -> String {
 async fn unread(
     sender: &Client,
     listener: &Client,
-    notifications: &mut UnboundedReceiver<String>,
+    notifications: &mut Notifications,
     schema: &SchemaName,
 ) -> usize {
     sender
