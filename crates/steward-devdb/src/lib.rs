@@ -362,6 +362,14 @@ impl Drop for Cluster {
     }
 }
 
+/// The path of an installed PostgreSQL program (`psql`, `pg_basebackup`...), from the same
+/// installation the throwaway clusters use.
+pub fn pg_binary(name: &str) -> Option<PathBuf> {
+    find_bin_dir()
+        .map(|dir| dir.join(name))
+        .filter(|path| path.exists())
+}
+
 fn find_bin_dir() -> Option<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
