@@ -336,7 +336,13 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
     assert_eq!(status, 200);
     let leader: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(leader["leader"], true);
-    assert!(leader["branches"].as_array().unwrap().len() >= 11, "{body}");
+    let branches = leader["branches"].as_array().unwrap();
+    assert_eq!(branches.len(), steward_branches::NAMES.len(), "{body}");
+    // Durations are seconds, as numbers.
+    assert!(
+        branches.iter().all(|b| b["last_duration_seconds"].is_f64()),
+        "{body}"
+    );
 }
 
 #[test]

@@ -21,7 +21,9 @@ pub struct BranchHealth {
     pub epoch: i64,
     #[serde(with = "system_time_secs")]
     pub last_run_at: SystemTime,
+    #[serde(rename = "last_duration_seconds", with = "duration_secs")]
     pub last_duration: Duration,
+    #[serde(rename = "last_start_delay_seconds", with = "duration_secs")]
     pub last_start_delay: Duration,
     pub last_rows: u64,
     #[serde(with = "opt_system_time_secs")]
@@ -171,6 +173,16 @@ impl Observer for HealthRegistry {
         if state.epoch == Some(epoch) {
             state.loops.insert(loop_name.to_owned(), Instant::now());
         }
+    }
+}
+
+/// Durations as seconds (a number), as JSON readers expect.
+mod duration_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
     }
 }
 
