@@ -173,6 +173,19 @@ macro_rules! branch_settings {
             pub fn validate(&self) -> Vec<$crate::config::InvalidConfig> {
                 $crate::config::BranchSettings::problems(self)
             }
+
+            $(
+                #[doc = concat!(
+                    "How a pass splits into batches (by default ", stringify!($batch_size),
+                    " rows, ", stringify!($max_batches), " batches per pass)."
+                )]
+                pub fn batches(&self) -> $crate::config::Batching {
+                    $crate::config::Batching {
+                        size: self.batch_size,
+                        max_per_pass: self.max_batches_per_run,
+                    }
+                }
+            )?
         }
 
         impl $crate::config::BranchSettings for $name {

@@ -18,7 +18,8 @@
 use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::{
-    BranchContext, BranchError, Durability, InvalidConfig, Observation, Outcome, RescueReason,
+    Batching, BranchContext, BranchError, Durability, InvalidConfig, Observation, Outcome,
+    RescueReason,
 };
 use serde::Deserialize;
 use std::time::Duration;
@@ -155,34 +156,61 @@ pub fn check_quiet_period_and_retry(
     problems
 }
 
-/// One rescue pass: `statement` (built by [`rescue_statement!`]) in batches, each its own
-/// fenced transaction, until a batch comes back short or `max_batches` have run.
+/// What one rescue sweeps: its statement (built by [`rescue_statement!`]), the statement that
+/// says when its next run expires, and the parameters both take after their own.
+pub struct Sweep<'a> {
+    pub rescue: &'static str,
+    /// Seconds until the earliest run the rescue would take expires (negative when one is
+    /// overdue; NULL when there is none): the head of the rescue's partial index. Its
+    /// parameters are `extra`, from $1.
+    pub next_expiry: &'static str,
+    pub reason: RescueReason,
+    /// The rescue statement's parameters from $5 on, and the next-expiry statement's from $1.
+    pub extra: &'a [(&'a (dyn ToSql + Sync), Type)],
+}
+
+/// A rescue never runs again sooner than this after its pass, however soon the next run
+/// expires: runs that expire within it are taken together.
+pub const MIN_EXPIRY_GAP: Duration = Duration::from_millis(20);
+
+/// One rescue pass: the sweep's statement in batches, each its own fenced transaction, until a
+/// batch comes back short or `max_per_pass` have run. Each batch also reads when the next run
+/// expires; after a short batch the rescue sleeps until then (never longer than its interval,
+/// never shorter than [`MIN_EXPIRY_GAP`]), so a run is rescued as it expires rather than at the
+/// next sweep. A run already overdue that the batch could not take (a row another transaction
+/// held) waits for the interval, so that it cannot make the rescue spin.
 pub async fn run_batches(
     ctx: &mut BranchContext<'_>,
-    statement: &str,
-    reason: RescueReason,
-    batch_size: i64,
-    max_batches: u32,
+    sweep: &Sweep<'_>,
+    batching: Batching,
+    interval: Duration,
     retry: &RetryConfig,
-    extra: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Outcome, BranchError> {
     let (base_ms, max_ms, jitter) = retry.policy().sql_params();
     // Typed parameters: parse, bind and execute in one round trip instead of two.
     let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
-        (&batch_size, Type::INT8),
+        (&batching.size, Type::INT8),
         (&base_ms, Type::FLOAT8),
         (&max_ms, Type::FLOAT8),
         (&jitter, Type::FLOAT8),
     ];
-    params.extend_from_slice(extra);
+    params.extend_from_slice(sweep.extra);
 
     let (mut retried, mut failed) = (0u64, 0u64);
-    let mut more_left = false;
-    for batch in 0..max_batches {
+    let mut run_again_in = None;
+    for batch in 0..batching.max_per_pass {
         let trip = ctx.one_trip(Durability::Relaxed);
-        let (rows,) = in_one_round_trip!(trip, async {
-            Ok::<_, BranchError>(trip.client().query_typed(statement, &params).await?)
-        })?;
+        let (rows, next) = in_one_round_trip!(
+            trip,
+            async { Ok::<_, BranchError>(trip.client().query_typed(sweep.rescue, &params).await?) },
+            async {
+                let next = trip
+                    .client()
+                    .query_typed_one(sweep.next_expiry, sweep.extra)
+                    .await?;
+                Ok::<_, BranchError>(next.get::<_, Option<f64>>(0))
+            },
+        )?;
         for row in &rows {
             if row.get::<_, &str>(1) == "failed" {
                 failed += 1;
@@ -190,10 +218,17 @@ pub async fn run_batches(
                 retried += 1;
             }
         }
-        if (rows.len() as i64) < batch_size {
+        if (rows.len() as i64) < batching.size {
+            run_again_in = next
+                .filter(|secs| *secs > 0.0)
+                .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                .filter(|next| *next < interval)
+                .map(|next| next.max(MIN_EXPIRY_GAP));
             break;
         }
-        more_left = batch + 1 == max_batches;
+        if batch + 1 == batching.max_per_pass {
+            run_again_in = Some(Duration::ZERO);
+        }
     }
 
     let rows = retried + failed;
@@ -201,14 +236,14 @@ pub async fn run_batches(
         Vec::new()
     } else {
         vec![Observation::Rescued {
-            reason,
+            reason: sweep.reason,
             retried,
             failed,
         }]
     };
     Ok(Outcome {
         rows,
-        run_again_in: more_left.then_some(Duration::ZERO),
+        run_again_in,
         observations,
     })
 }

@@ -29,6 +29,12 @@ pub const RESCUE: &str = rescue_statement!(
     callback_timeout_at = NULL",
 );
 
+/// Seconds until the earliest callback timeout: negative when one has passed, NULL when no job
+/// waits. The head of jobs_callback_timeout_idx.
+pub const NEXT_EXPIRY: &str = "
+SELECT extract(epoch FROM min(callback_timeout_at) - now())::float8
+FROM jobs WHERE state = 'waiting_external'";
+
 /// See [`crate::ExpiryRescueConfig`].
 pub type Config = crate::rescue::ExpiryRescueConfig;
 
@@ -61,14 +67,19 @@ impl Branch for RescueExpiredCallbacks {
     }
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        let sweep = rescue::Sweep {
+            rescue: RESCUE,
+            next_expiry: NEXT_EXPIRY,
+            reason: RescueReason::Callback,
+            extra: &[],
+        };
+        let config = &self.config;
         rescue::run_batches(
             ctx,
-            RESCUE,
-            RescueReason::Callback,
-            self.config.batch_size,
-            self.config.max_batches_per_run,
-            &self.config.retry,
-            &[],
+            &sweep,
+            config.batches(),
+            config.interval,
+            &config.retry,
         )
         .await
     }

@@ -24,6 +24,12 @@ pub const RESCUE: &str = rescue_statement!(
     set: "",
 );
 
+/// Seconds until the earliest deadline of a running job: negative when one has passed, NULL
+/// when no running job has one. The head of jobs_running_deadline_idx.
+pub const NEXT_EXPIRY: &str = "
+SELECT extract(epoch FROM min(deadline_at) - now())::float8
+FROM jobs WHERE state = 'running' AND deadline_at IS NOT NULL";
+
 /// See [`crate::ExpiryRescueConfig`].
 pub type Config = crate::rescue::ExpiryRescueConfig;
 
@@ -56,14 +62,19 @@ impl Branch for RescueExpiredDeadlines {
     }
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
+        let sweep = rescue::Sweep {
+            rescue: RESCUE,
+            next_expiry: NEXT_EXPIRY,
+            reason: RescueReason::Deadline,
+            extra: &[],
+        };
+        let config = &self.config;
         rescue::run_batches(
             ctx,
-            RESCUE,
-            RescueReason::Deadline,
-            self.config.batch_size,
-            self.config.max_batches_per_run,
-            &self.config.retry,
-            &[],
+            &sweep,
+            config.batches(),
+            config.interval,
+            &config.retry,
         )
         .await
     }

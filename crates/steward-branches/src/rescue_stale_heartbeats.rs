@@ -30,6 +30,13 @@ pub const RESCUE: &str = rescue_statement!(
     set: "",
 );
 
+/// Seconds until the stalest running job's heartbeat passes the staleness ($1 seconds):
+/// negative when one is overdue, NULL when nothing runs. The head of
+/// jobs_running_heartbeat_idx.
+pub const NEXT_EXPIRY: &str = "
+SELECT extract(epoch FROM min(heartbeat_at) + make_interval(secs => $1) - now())::float8
+FROM jobs WHERE state = 'running'";
+
 branch_settings! {
     /// Settings of `rescue_stale_heartbeats`.
     pub struct Config {
@@ -102,14 +109,19 @@ impl Branch for RescueStaleHeartbeats {
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
         let staleness = self.config.staleness.as_secs_f64();
+        let sweep = rescue::Sweep {
+            rescue: RESCUE,
+            next_expiry: NEXT_EXPIRY,
+            reason: RescueReason::Heartbeat,
+            extra: &[(&staleness, Type::FLOAT8)],
+        };
+        let config = &self.config;
         rescue::run_batches(
             ctx,
-            RESCUE,
-            RescueReason::Heartbeat,
-            self.config.batch_size,
-            self.config.max_batches_per_run,
-            &self.config.retry,
-            &[(&staleness, Type::FLOAT8)],
+            &sweep,
+            config.batches(),
+            config.interval,
+            &config.retry,
         )
         .await
     }

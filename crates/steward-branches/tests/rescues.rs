@@ -378,6 +378,7 @@ mod conformance {
                             applies_the_backoff_and_fails_runs_whose_attempts_are_used_up,
                             works_in_batches_and_asks_to_continue_when_work_is_left,
                             a_full_last_batch_asks_to_continue_and_the_next_pass_finds_nothing,
+                            sleeps_until_the_next_run_expires_and_rescues_it_then,
                             a_stale_term_commits_nothing,
                             skips_a_run_another_transaction_holds_instead_of_waiting,
                             concurrent_rescuers_never_rescue_a_job_twice,
@@ -397,6 +398,28 @@ mod conformance {
         expired_deadlines: crate::DEADLINES,
         expired_callbacks: crate::CALLBACKS,
     );
+}
+
+/// A pass that finds nothing expired sleeps until the next run expires (when that is within its
+/// interval), not until the next sweep, and then rescues it; with nothing expiring within the
+/// interval it sleeps the interval.
+async fn sleeps_until_the_next_run_expires_and_rescues_it_then(r: &Rescue) {
+    let db = db_with_leader().await;
+    let mut client = db.client().await;
+    r.seed(&client, r.state, 1, Some(-0.5), 1, 5).await;
+    r.seed(&client, r.state, 1, Some(-600.0), 1, 5).await;
+    let rescue = r.branch("");
+    let outcome = run(&*rescue, &mut client).await;
+    assert_eq!(outcome.rows, 0);
+    let sleep = outcome
+        .run_again_in
+        .expect("it wakes when the next run expires, within its interval");
+    assert!(sleep <= Duration::from_millis(500), "{sleep:?}");
+    // Sleeping as the loop would: the run has expired by then.
+    tokio::time::sleep(sleep).await;
+    let outcome = run(&*rescue, &mut client).await;
+    assert_eq!(outcome.rows, 1);
+    assert_eq!(outcome.run_again_in, None, "the next run expires after the interval");
 }
 
 /// Runs past their expiry in the rescue's state become retryable with one error entry; runs
@@ -427,7 +450,8 @@ async fn rescues_exactly_the_expired_runs(r: &Rescue) {
     let rescue = r.branch("");
     let outcome = run(&*rescue, &mut client).await;
     assert_eq!(outcome.rows, 5);
-    assert_eq!(outcome.run_again_in, None);
+    // No work left over (the spared runs that expire within the interval set when it wakes).
+    assert_ne!(outcome.run_again_in, Some(Duration::ZERO));
     assert_eq!(
         outcome.observations,
         vec![Observation::Rescued {
