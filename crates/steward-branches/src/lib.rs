@@ -94,6 +94,12 @@ pub trait Branch: Send + Sync {
     fn heartbeat_staleness(&self) -> Option<Duration> {
         None
     }
+    /// For an SLO branch: what users wait for, read from the head of the branch's own partial
+    /// index (cheap, and read by the leader on a cadence of its own, so that a stuck branch
+    /// cannot stop its own measurement). `None` for branches users do not wait on.
+    async fn backlog(&self, _client: &Client) -> Result<Option<Backlog>, BranchError> {
+        Ok(None)
+    }
     /// One pass. Writes go through [`BranchContext::fenced`].
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError>;
 }
@@ -312,6 +318,24 @@ pub enum Observation {
         what: String,
         reason: String,
     },
+}
+
+/// What an SLO branch's backlog is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BacklogKind {
+    /// Jobs due but not yet available.
+    Promotion,
+    /// Runs that should have been rescued for this reason.
+    Rescue(RescueReason),
+}
+
+/// The head of an SLO branch's backlog.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub kind: BacklogKind,
+    /// Seconds until the oldest item becomes the branch's to handle: negative when it is
+    /// already overdue (its age is the backlog's age), `None` when there is no item at all.
+    pub head_in: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,12 +16,14 @@
 use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::{
-    Branch, BranchContext, BranchError, Class, Durability, InvalidConfig, Observation, Outcome,
+    Backlog, BacklogKind, Branch, BranchContext, BranchError, Class, Durability, InvalidConfig,
+    Observation, Outcome,
 };
 use async_trait::async_trait;
 use std::time::Duration;
 use steward_connection::SchemaName;
 use tokio_postgres::types::Type;
+use tokio_postgres::Client;
 
 /// Due scheduled/retryable jobs become available, earliest first; rows other promoters hold
 /// are skipped. The locked row versions are updated by `ctid` (a TID scan; see
@@ -39,6 +41,12 @@ WITH promoted AS (
     RETURNING j.queue, extract(epoch FROM clock_timestamp() - j.run_at)::float8 AS lag
 )
 SELECT lag FROM promoted, (SELECT wake_workers(array_agg(queue)) FROM promoted) woken";
+
+/// Seconds until the earliest scheduled or retryable job is due: negative when one is due and
+/// not yet promoted, NULL when there is none. The head of jobs_due_idx.
+pub const NEXT_DUE: &str = "
+SELECT extract(epoch FROM min(run_at) - now())::float8
+FROM jobs WHERE state IN ('scheduled', 'retryable')";
 
 /// Plans the promoter's next wake-up: at the earliest scheduled/retryable job, but never
 /// sooner than $1 nor later than $2 seconds from now. Publishes it in
@@ -119,6 +127,14 @@ impl Branch for PromoteScheduled {
 
     fn wake_channel(&self, schema: &SchemaName) -> Option<String> {
         Some(steward_queue::due_channel(schema))
+    }
+
+    async fn backlog(&self, client: &Client) -> Result<Option<Backlog>, BranchError> {
+        let head_in: Option<f64> = client.query_typed_one(NEXT_DUE, &[]).await?.get(0);
+        Ok(Some(Backlog {
+            kind: BacklogKind::Promotion,
+            head_in,
+        }))
     }
 
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {

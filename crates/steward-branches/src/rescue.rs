@@ -18,13 +18,14 @@
 use crate::config::branch_settings;
 use crate::in_one_round_trip;
 use crate::{
-    Batching, BranchContext, BranchError, Durability, InvalidConfig, Observation, Outcome,
-    RescueReason,
+    Backlog, BacklogKind, Batching, BranchContext, BranchError, Durability, InvalidConfig,
+    Observation, Outcome, RescueReason,
 };
 use serde::Deserialize;
 use std::time::Duration;
 use steward_queue::RetryPolicy;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
 
 /// Builds a rescue statement: `$1` is the batch size and `$2..$4` the `retry_backoff`
 /// parameters (base ms, max ms, jitter); further parameters belong to `$pick`.
@@ -167,6 +168,18 @@ pub struct Sweep<'a> {
     pub reason: RescueReason,
     /// The rescue statement's parameters from $5 on, and the next-expiry statement's from $1.
     pub extra: &'a [(&'a (dyn ToSql + Sync), Type)],
+}
+
+/// The head of a rescue's backlog: its next-expiry statement.
+pub async fn backlog(client: &Client, sweep: &Sweep<'_>) -> Result<Option<Backlog>, BranchError> {
+    let head_in: Option<f64> = client
+        .query_typed_one(sweep.next_expiry, sweep.extra)
+        .await?
+        .get(0);
+    Ok(Some(Backlog {
+        kind: BacklogKind::Rescue(sweep.reason),
+        head_in,
+    }))
 }
 
 /// A rescue never runs again sooner than this after its pass, however soon the next run

@@ -9,9 +9,10 @@
 //! The statement, as it runs, is in `tests/sql/rescue_expired_callbacks__rescue.snap`.
 
 use crate::rescue::{self, rescue_statement};
-use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
+use crate::{Backlog, Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
 use async_trait::async_trait;
 use std::time::Duration;
+use tokio_postgres::Client;
 
 pub use crate::rescue::RetryConfig;
 
@@ -34,6 +35,13 @@ pub const RESCUE: &str = rescue_statement!(
 pub const NEXT_EXPIRY: &str = "
 SELECT extract(epoch FROM min(callback_timeout_at) - now())::float8
 FROM jobs WHERE state = 'waiting_external'";
+
+const SWEEP: rescue::Sweep<'static> = rescue::Sweep {
+    rescue: RESCUE,
+    next_expiry: NEXT_EXPIRY,
+    reason: RescueReason::Callback,
+    extra: &[],
+};
 
 /// See [`crate::ExpiryRescueConfig`].
 pub type Config = crate::rescue::ExpiryRescueConfig;
@@ -66,13 +74,12 @@ impl Branch for RescueExpiredCallbacks {
         Some(self.config.quiet_period)
     }
 
+    async fn backlog(&self, client: &Client) -> Result<Option<Backlog>, BranchError> {
+        rescue::backlog(client, &SWEEP).await
+    }
+
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
-        let sweep = rescue::Sweep {
-            rescue: RESCUE,
-            next_expiry: NEXT_EXPIRY,
-            reason: RescueReason::Callback,
-            extra: &[],
-        };
+        let sweep = SWEEP;
         let config = &self.config;
         rescue::run_batches(
             ctx,

@@ -7,9 +7,10 @@
 //! The statement, as it runs, is in `tests/sql/rescue_expired_deadlines__rescue.snap`.
 
 use crate::rescue::{self, rescue_statement};
-use crate::{Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
+use crate::{Backlog, Branch, BranchContext, BranchError, Class, Outcome, RescueReason};
 use async_trait::async_trait;
 use std::time::Duration;
+use tokio_postgres::Client;
 
 pub use crate::rescue::RetryConfig;
 
@@ -29,6 +30,13 @@ pub const RESCUE: &str = rescue_statement!(
 pub const NEXT_EXPIRY: &str = "
 SELECT extract(epoch FROM min(deadline_at) - now())::float8
 FROM jobs WHERE state = 'running' AND deadline_at IS NOT NULL";
+
+const SWEEP: rescue::Sweep<'static> = rescue::Sweep {
+    rescue: RESCUE,
+    next_expiry: NEXT_EXPIRY,
+    reason: RescueReason::Deadline,
+    extra: &[],
+};
 
 /// See [`crate::ExpiryRescueConfig`].
 pub type Config = crate::rescue::ExpiryRescueConfig;
@@ -61,13 +69,12 @@ impl Branch for RescueExpiredDeadlines {
         Some(self.config.quiet_period)
     }
 
+    async fn backlog(&self, client: &Client) -> Result<Option<Backlog>, BranchError> {
+        rescue::backlog(client, &SWEEP).await
+    }
+
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
-        let sweep = rescue::Sweep {
-            rescue: RESCUE,
-            next_expiry: NEXT_EXPIRY,
-            reason: RescueReason::Deadline,
-            extra: &[],
-        };
+        let sweep = SWEEP;
         let config = &self.config;
         rescue::run_batches(
             ctx,

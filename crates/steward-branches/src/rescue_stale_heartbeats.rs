@@ -10,11 +10,13 @@
 use crate::config::branch_settings;
 use crate::rescue::{self, rescue_statement};
 use crate::{
-    check_interval, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome, RescueReason,
+    check_interval, Backlog, Branch, BranchContext, BranchError, Class, InvalidConfig, Outcome,
+    RescueReason,
 };
 use async_trait::async_trait;
 use std::time::Duration;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
 
 pub use crate::rescue::RetryConfig;
 
@@ -75,6 +77,16 @@ impl Config {
     }
 }
 
+/// The sweep, with `params` holding the staleness in seconds.
+fn sweep<'a>(params: &'a [(&'a (dyn ToSql + Sync), Type)]) -> rescue::Sweep<'a> {
+    rescue::Sweep {
+        rescue: RESCUE,
+        next_expiry: NEXT_EXPIRY,
+        reason: RescueReason::Heartbeat,
+        extra: params,
+    }
+}
+
 pub struct RescueStaleHeartbeats {
     config: Config,
 }
@@ -107,14 +119,15 @@ impl Branch for RescueStaleHeartbeats {
         Some(self.config.staleness)
     }
 
+    async fn backlog(&self, client: &Client) -> Result<Option<Backlog>, BranchError> {
+        let staleness = self.config.staleness.as_secs_f64();
+        rescue::backlog(client, &sweep(&[(&staleness, Type::FLOAT8)])).await
+    }
+
     async fn run(&self, ctx: &mut BranchContext<'_>) -> Result<Outcome, BranchError> {
         let staleness = self.config.staleness.as_secs_f64();
-        let sweep = rescue::Sweep {
-            rescue: RESCUE,
-            next_expiry: NEXT_EXPIRY,
-            reason: RescueReason::Heartbeat,
-            extra: &[(&staleness, Type::FLOAT8)],
-        };
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&staleness, Type::FLOAT8)];
+        let sweep = sweep(&params);
         let config = &self.config;
         rescue::run_batches(
             ctx,

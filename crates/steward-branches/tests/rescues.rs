@@ -419,7 +419,10 @@ async fn sleeps_until_the_next_run_expires_and_rescues_it_then(r: &Rescue) {
     tokio::time::sleep(sleep).await;
     let outcome = run(&*rescue, &mut client).await;
     assert_eq!(outcome.rows, 1);
-    assert_eq!(outcome.run_again_in, None, "the next run expires after the interval");
+    assert_eq!(
+        outcome.run_again_in, None,
+        "the next run expires after the interval"
+    );
 }
 
 /// Runs past their expiry in the rescue's state become retryable with one error entry; runs

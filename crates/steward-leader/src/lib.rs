@@ -3,6 +3,7 @@
 //! fencing token every branch transaction checks) and runs the branches on its loops until the
 //! term ends, then returns to standby. Embeddable: a worker process can run a [`Candidate`].
 
+mod backlog;
 mod health;
 mod instance;
 mod observe;
@@ -15,12 +16,12 @@ mod term;
 mod tracker;
 
 pub use health::{BranchHealth, HealthRegistry, HealthSnapshot};
-pub use observe::{BranchRun, LeadershipEvent, Observer, Observers, RunResult};
+pub use observe::{BacklogReport, BranchRun, LeadershipEvent, Observer, Observers, RunResult};
 pub use plan::{LoopPlan, PlannedLoop, MONOLITHIC};
 pub use runner::ContactMonitor;
 pub use session::{lock_name, LEADER_PROGRESS, START_TERM};
 pub use settings::{LeaderSettings, LoopMode};
-pub use term::TermEnd;
+pub use term::{TermEnd, BACKLOG_TASK};
 pub use tracker::{OverrunState, OverrunTracker, Transition};
 
 use instance::Instance;

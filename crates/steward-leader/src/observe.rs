@@ -5,7 +5,7 @@
 use crate::settings::LoopMode;
 use crate::tracker::{OverrunState, Transition};
 use std::time::{Duration, SystemTime};
-use steward_branches::{Class, Observation};
+use steward_branches::{BacklogKind, Class, Observation};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunResult {
@@ -60,6 +60,18 @@ pub struct BranchRun<'a> {
     pub overrun: OverrunState,
     pub transition: Transition,
     pub overrun_episodes: u64,
+    /// Passes of the branch in a row that failed, this one included.
+    pub consecutive_failures: u32,
+}
+
+/// The age of an SLO branch's backlog, as the leader measured it (see `backlog.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BacklogReport {
+    pub branch: &'static str,
+    pub kind: BacklogKind,
+    pub epoch: i64,
+    /// How long the oldest item has waited for the branch; zero when none is overdue.
+    pub age: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +97,8 @@ pub trait Observer: Send + Sync + 'static {
     fn loop_restarted(&self, _loop_name: &str, _reason: &str) {}
     /// A loop finished an iteration (used for liveness).
     fn loop_progress(&self, _loop_name: &str, _epoch: i64) {}
+    /// The leader measured an SLO branch's backlog.
+    fn backlog(&self, _report: &BacklogReport) {}
 }
 
 /// Fan-out to several observers.
@@ -117,5 +131,8 @@ impl Observer for Observers {
         self.0
             .iter()
             .for_each(|o| o.loop_progress(loop_name, epoch));
+    }
+    fn backlog(&self, report: &BacklogReport) {
+        self.0.iter().for_each(|o| o.backlog(report));
     }
 }

@@ -351,9 +351,10 @@ impl LoopTask {
     /// observers.
     fn report(&self, slot: &mut Slot, pass: &Pass) {
         let branch = &*slot.branch;
-        let transition = slot
-            .tracker
-            .observe(pass.duration, pass.start_delay, branch.interval());
+        let failed = !matches!(pass.result, RunResult::Ok | RunResult::Fenced);
+        let transition =
+            slot.tracker
+                .observe(pass.duration, pass.start_delay, branch.interval(), failed);
         self.log_pass(
             branch,
             &pass.result,
@@ -377,6 +378,7 @@ impl LoopTask {
             overrun: slot.tracker.state(),
             transition,
             overrun_episodes: slot.tracker.episodes(),
+            consecutive_failures: slot.tracker.failures_in_a_row(),
         });
         self.observer.loop_progress(self.name, self.epoch);
     }

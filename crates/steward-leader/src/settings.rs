@@ -62,6 +62,9 @@ pub struct LeaderSettings {
     /// How often the leader marks progress and flushes branch health.
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// How often the leader measures the SLO branches' backlogs (what users wait for).
+    #[serde(with = "humantime_serde")]
+    pub backlog_interval: Duration,
     /// On shutdown, how long a running statement may finish before it is cancelled.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -96,6 +99,7 @@ impl Default for LeaderSettings {
             wedge_timeout: Duration::from_secs(30),
             wedge_check_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(1),
+            backlog_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -128,6 +132,7 @@ impl LeaderSettings {
             ("wedge_timeout", self.wedge_timeout),
             ("wedge_check_interval", self.wedge_check_interval),
             ("progress_interval", self.progress_interval),
+            ("backlog_interval", self.backlog_interval),
             ("reconnect_min", self.reconnect_min),
             ("reconnect_max", self.reconnect_max),
             ("keepalive_idle", self.keepalive_idle),

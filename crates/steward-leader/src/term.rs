@@ -23,6 +23,9 @@ pub enum TermEnd {
     Lost(String),
 }
 
+/// The name the backlog measurement's restarts are reported under.
+pub const BACKLOG_TASK: &str = "backlog";
+
 /// What a term needs from its candidate.
 pub(crate) struct Term<'a> {
     pub epoch: i64,
@@ -76,6 +79,21 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
         task_plan.insert(spawn_loop(&mut tasks, planned, Duration::ZERO), i);
     }
     let writer_stop = CancellationToken::new();
+    let spawn_measure = |delay: Duration| {
+        let measure = crate::backlog::measure(
+            instance.session("backlog"),
+            plan.branches().map(|(_, branch)| branch.clone()).collect(),
+            epoch,
+            observer.clone(),
+            settings.backlog_interval,
+            writer_stop.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            measure.await
+        })
+    };
+    let mut measure = spawn_measure(Duration::ZERO);
     let mut writer = tokio::spawn(health_writer(
         instance.work_session("health"),
         epoch,
@@ -107,6 +125,16 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                     break TermEnd::Lost(format!("leader connection probe failed: {reason}"));
                 }
             },
+            ended = &mut measure => {
+                // It only returns when told to stop, which happens after this loop.
+                let reason = match ended {
+                    Ok(()) => "it returned".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(%reason, "the backlog measurement stopped; restarting it");
+                observer.loop_restarted(BACKLOG_TASK, &reason);
+                measure = spawn_measure(settings.reconnect_min);
+            }
             superseded = &mut writer => {
                 stop.stop(Duration::ZERO);
                 break TermEnd::Lost(match superseded {
@@ -145,6 +173,7 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     }
     writer_stop.cancel();
     writer.abort();
+    measure.abort();
     end
 }
 

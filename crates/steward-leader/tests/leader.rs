@@ -3,9 +3,10 @@
 use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use steward_branches::{Branch, BranchContext, BranchError, Class, Outcome};
+use steward_branches::{BacklogKind, Branch, BranchContext, BranchError, Class, Outcome};
 use steward_leader::{
-    BranchRun, Candidate, LeaderSettings, LeadershipEvent, LoopMode, Observer, RunResult,
+    BacklogReport, BranchRun, Candidate, LeaderSettings, LeadershipEvent, LoopMode, Observer,
+    OverrunState, RunResult,
 };
 use steward_testkit::TestDb;
 use tokio::sync::watch;
@@ -110,6 +111,9 @@ struct Recorder {
     runs: Mutex<Vec<Run>>,
     leadership: Mutex<Vec<(LeadershipEvent, Instant)>>,
     progress: Mutex<Vec<(String, Instant)>>,
+    backlogs: Mutex<Vec<(BacklogReport, Instant)>>,
+    /// (branch, consecutive failures) of every pass.
+    failures: Mutex<Vec<(&'static str, u32)>>,
     events: watch::Sender<u64>,
 }
 
@@ -119,6 +123,8 @@ impl Default for Recorder {
             runs: Mutex::default(),
             leadership: Mutex::default(),
             progress: Mutex::default(),
+            backlogs: Mutex::default(),
+            failures: Mutex::default(),
             events: watch::channel(0).0,
         }
     }
@@ -136,6 +142,17 @@ impl Observer for Recorder {
             rows: run.rows,
             result: run.result.clone(),
         });
+        self.failures
+            .lock()
+            .unwrap()
+            .push((run.branch, run.consecutive_failures));
+        self.events.send_modify(|n| *n += 1);
+    }
+    fn backlog(&self, report: &BacklogReport) {
+        self.backlogs
+            .lock()
+            .unwrap()
+            .push((report.clone(), Instant::now()));
         self.events.send_modify(|n| *n += 1);
     }
     fn leadership(&self, event: &LeadershipEvent) {
@@ -189,6 +206,16 @@ impl Recorder {
                 LeadershipEvent::Lost { epoch: e, .. } if *e == epoch => Some(*at),
                 _ => None,
             })
+    }
+    /// The promotion backlog's ages as measured, with when they were reported.
+    fn promotion_backlog(&self) -> Vec<(Duration, Instant)> {
+        self.backlogs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(r, _)| r.kind == BacklogKind::Promotion)
+            .map(|(r, at)| (r.age, *at))
+            .collect()
     }
     /// When `loop_name` reported progress.
     fn progress_of(&self, loop_name: &str) -> Vec<Instant> {
@@ -1201,5 +1228,96 @@ async fn rescues_hold_off_while_the_database_stalls() {
             .any(|r| r.branch == "rescue_stale_heartbeats"),
         "the rescue ran inside its quiet period"
     );
+    leader.stop().await;
+}
+
+/// With the jobs table locked against every statement, each promote pass gives up at its lock
+/// timeout, so no pass overruns; yet users wait. The leader's own measurement goes on and shows
+/// the promotion backlog growing, the failed passes count in a row and make the branch delayed,
+/// and once the lock is released the backlog drains to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_jobs_table_shows_as_a_growing_backlog_and_failed_passes() {
+    use steward_queue::{NewJob, Queue};
+    let db = TestDb::new().await;
+    let settings = LeaderSettings {
+        backlog_interval: Duration::from_millis(200),
+        ..fast_settings(LoopMode::Split)
+    };
+    let leader = start(&db, settings, vec![promoter(Duration::from_millis(250))]);
+    leader
+        .recorder
+        .until("a promote pass", || {
+            leader.recorder.passes("promote_scheduled") >= 1
+        })
+        .await;
+    let queue = Queue::new(db.pool(2));
+    queue
+        .enqueue(&NewJob::new("k").run_in(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    // A measurement after the enqueue knows when the job comes due; the lock comes before it
+    // does, so that only the lock keeps it from being promoted.
+    let enqueued_at = Instant::now();
+    leader
+        .recorder
+        .until("a measurement that saw the job", || {
+            // The second report after the enqueue comes from a reading begun after it.
+            leader
+                .recorder
+                .promotion_backlog()
+                .iter()
+                .filter(|(_, at)| *at > enqueued_at)
+                .count()
+                >= 2
+        })
+        .await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let locked_at = Instant::now();
+    leader
+        .recorder
+        .until("the backlog to reach a second while locked", || {
+            leader
+                .recorder
+                .promotion_backlog()
+                .iter()
+                .any(|(age, at)| *at > locked_at && *age >= Duration::from_secs(1))
+        })
+        .await;
+    leader
+        .recorder
+        .until("three failed promote passes in a row", || {
+            leader
+                .recorder
+                .failures
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(branch, n)| *branch == "promote_scheduled" && *n >= 3)
+        })
+        .await;
+    let delayed = leader
+        .candidate
+        .health()
+        .snapshot()
+        .branches
+        .iter()
+        .any(|b| b.branch == "promote_scheduled" && b.overrun == OverrunState::Delayed);
+    assert!(delayed, "failed passes make the branch delayed");
+    lock.rollback().await.unwrap();
+    let released_at = Instant::now();
+    leader
+        .recorder
+        .until("the backlog to drain after the release", || {
+            leader
+                .recorder
+                .promotion_backlog()
+                .iter()
+                .any(|(age, at)| *at > released_at && age.is_zero())
+        })
+        .await;
     leader.stop().await;
 }

@@ -20,6 +20,12 @@ pub const PROMOTION_LAG: &str = "steward_promotion_lag_seconds";
 pub const RESCUED_JOBS: &str = "steward_rescued_jobs_total";
 pub const QUEUE_JOBS: &str = "steward_queue_jobs";
 pub const QUEUE_OLDEST_AVAILABLE_AGE: &str = "steward_queue_oldest_available_age_seconds";
+/// Passes of a branch in a row that failed (timed out, errored or panicked).
+pub const BRANCH_CONSECUTIVE_FAILURES: &str = "steward_maintenance_branch_consecutive_failures";
+/// Age of the oldest job that is due and not yet available, as the leader measured it.
+pub const PROMOTION_BACKLOG_AGE: &str = "steward_promotion_backlog_age_seconds";
+/// Age of the oldest run that should have been rescued for `reason` and was not.
+pub const RESCUE_BACKLOG_AGE: &str = "steward_rescue_backlog_age_seconds";
 
 /// What a metric is in the Prometheus exposition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +97,9 @@ pub const ALL: &[Metric] = &[
     metric(RESCUED_JOBS, Kind::Counter, &["reason"]),
     metric(QUEUE_JOBS, Kind::Gauge, &["queue", "state"]),
     metric(QUEUE_OLDEST_AVAILABLE_AGE, Kind::Gauge, &["queue"]),
+    metric(BRANCH_CONSECUTIVE_FAILURES, Kind::Gauge, BRANCH_LABELS),
+    metric(PROMOTION_BACKLOG_AGE, Kind::Gauge, &[]),
+    metric(RESCUE_BACKLOG_AGE, Kind::Gauge, &["reason"]),
 ];
 
 /// The metric of this name, if Steward exports it.

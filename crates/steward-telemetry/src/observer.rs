@@ -8,8 +8,11 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::SystemTime;
-use steward_branches::{Observation, RescueReason};
-use steward_leader::{BranchRun, LeadershipEvent, LoopPlan, Observer, OverrunState, Transition};
+use steward_branches::{BacklogKind, Observation, RescueReason};
+use steward_leader::{
+    BacklogReport, BranchRun, LeadershipEvent, LoopPlan, Observer, OverrunState, Transition,
+    BACKLOG_TASK,
+};
 
 struct Cache<K, V>(Mutex<HashMap<K, V>>);
 
@@ -99,6 +102,7 @@ impl MetricsObserver {
             self.counter(LEADER_TRANSITIONS, &[("event", event.into())])
                 .increment(0);
         }
+        self.gauge(PROMOTION_BACKLOG_AGE, &[]).set(0.0);
         for reason in [
             RescueReason::Heartbeat,
             RescueReason::Deadline,
@@ -106,15 +110,18 @@ impl MetricsObserver {
         ] {
             self.counter(RESCUED_JOBS, &[("reason", reason.as_str().into())])
                 .increment(0);
+            self.gauge(RESCUE_BACKLOG_AGE, &[("reason", reason.as_str().into())])
+                .set(0.0);
         }
-        for planned in plan.loops() {
-            self.counter(LOOP_RESTARTS, &[("loop", planned.name.into())])
+        for loop_name in plan.loops().iter().map(|l| l.name).chain([BACKLOG_TASK]) {
+            self.counter(LOOP_RESTARTS, &[("loop", loop_name.into())])
                 .increment(0);
         }
         for (loop_name, branch) in plan.branches() {
             let labels = branch_labels(branch.name(), branch.class().as_str(), loop_name);
             self.counter(BRANCH_OVERRUN, &labels).increment(0);
             self.gauge(BRANCH_DELAYED, &labels).set(0.0);
+            self.gauge(BRANCH_CONSECUTIVE_FAILURES, &labels).set(0.0);
             for outcome in ["ok", "error", "timeout"] {
                 self.counter(BRANCH_RUNS, &with(&labels, ("outcome", outcome.into())))
                     .increment(0);
@@ -172,6 +179,8 @@ impl Observer for MetricsObserver {
                     OverrunState::OnTime => 0.0,
                 };
                 self.gauge(BRANCH_DELAYED, &labels).set(delayed);
+                self.gauge(BRANCH_CONSECUTIVE_FAILURES, &labels)
+                    .set(f64::from(run.consecutive_failures));
             }
         }
         self.counter(
@@ -231,11 +240,17 @@ impl Observer for MetricsObserver {
                 LeadershipEvent::Lost { epoch, .. } | LeadershipEvent::SteppedDown { epoch } => {
                     if *term == Some(*epoch) {
                         *term = None;
-                        // The term's trackers are gone; a standby has no delayed branch.
-                        for gauge in self
-                            .gauges
-                            .values_where(|(name, _)| *name == BRANCH_DELAYED)
-                        {
+                        // The term's trackers and measurements are gone; a standby has no
+                        // delayed branch and measures no backlog.
+                        for gauge in self.gauges.values_where(|(name, _)| {
+                            [
+                                BRANCH_DELAYED,
+                                BRANCH_CONSECUTIVE_FAILURES,
+                                PROMOTION_BACKLOG_AGE,
+                                RESCUE_BACKLOG_AGE,
+                            ]
+                            .contains(name)
+                        }) {
                             gauge.set(0.0);
                         }
                     }
@@ -247,6 +262,21 @@ impl Observer for MetricsObserver {
             .set(epoch as f64);
         self.counter(LEADER_TRANSITIONS, &[("event", label.into())])
             .increment(1);
+    }
+
+    fn backlog(&self, report: &BacklogReport) {
+        // Held while setting, so that a report racing the term's end cannot set it again.
+        let term = self.term();
+        if *term != Some(report.epoch) {
+            return;
+        }
+        let gauge = match report.kind {
+            BacklogKind::Promotion => self.gauge(PROMOTION_BACKLOG_AGE, &[]),
+            BacklogKind::Rescue(reason) => {
+                self.gauge(RESCUE_BACKLOG_AGE, &[("reason", reason.as_str().into())])
+            }
+        };
+        gauge.set(report.age.as_secs_f64());
     }
 
     fn loop_restarted(&self, loop_name: &str, _reason: &str) {
@@ -280,6 +310,7 @@ mod tests {
             overrun,
             transition,
             overrun_episodes: 0,
+            consecutive_failures: 0,
         }
     }
 
