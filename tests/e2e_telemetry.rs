@@ -545,3 +545,21 @@ fn status_on_a_missing_schema_says_to_migrate() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("steward migrate"), "{stderr}");
 }
+
+/// Log lines written to a pipe (a file, a collector) carry no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let (code, _, stderr) = steward(
+        "postgres://u@127.0.0.1:1/db",
+        &[
+            "run",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--set",
+            "leader.wedge_timeout=0s",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("ERROR"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes in {stderr:?}");
+}

@@ -212,7 +212,10 @@ impl Telemetry {
         describe();
 
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only for a person at a terminal: log files and collectors get plain text.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let fmt = match log_format {
             LogFormat::Human => fmt.boxed(),
             LogFormat::Json => fmt.json().boxed(),
