@@ -9,6 +9,7 @@ use support::*;
 const FIRST_PASS: &str = "first branch pass of the term";
 const STANDING_BY: &str = "standing by for leadership";
 const ACQUIRED: &str = "leadership acquired";
+const ANOTHER_LEADS: &str = "standing by: another instance leads";
 
 fn slo_first_pass(s: &Steward, epoch: i64) -> Option<LogLine> {
     s.logs().into_iter().find(|l| {
@@ -32,6 +33,10 @@ fn standby_takes_over_when_the_leader_process_is_killed() {
     for epoch in 2..=4 {
         let standby = Steward::spawn(&url, &[]);
         standby.wait_for(STANDING_BY, Duration::from_secs(30));
+        // The standby says whom it waits behind.
+        let leads = standby.wait_for(ANOTHER_LEADS, Duration::from_secs(30));
+        let acquired = leader.wait_for(ACQUIRED, Duration::from_secs(1));
+        assert_eq!(leads.field("leader"), acquired.field("instance"));
         // Let the leader settle into its loops before it dies.
         std::thread::sleep(Duration::from_millis(300));
         let killed_at = std::time::SystemTime::now();

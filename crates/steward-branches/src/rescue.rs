@@ -69,7 +69,7 @@ WHERE j.ctid = ANY(ARRAY(
             "
     LIMIT $1
     FOR UPDATE SKIP LOCKED))
-RETURNING j.id, j.state::text"
+RETURNING j.id, j.state::text, j.kind, j.queue, j.attempt, j.run_at"
         )
     };
 }
@@ -225,10 +225,25 @@ pub async fn run_batches(
             },
         )?;
         for row in &rows {
+            // One line per rescued job, for an operator following what happened to it.
+            let (job_id, kind, queue, attempt): (i64, &str, &str, i32) =
+                (row.get(0), row.get(2), row.get(3), row.get(4));
+            let reason = sweep.reason.as_str();
             if row.get::<_, &str>(1) == "failed" {
                 failed += 1;
+                tracing::info!(
+                    job_id,
+                    kind,
+                    queue,
+                    reason,
+                    attempt,
+                    next = "failed: no attempt left",
+                    "rescued a job"
+                );
             } else {
                 retried += 1;
+                let retry_at: chrono::DateTime<chrono::Utc> = row.get(5);
+                tracing::info!(job_id, kind, queue, reason, attempt, next = "retry", %retry_at, "rescued a job");
             }
         }
         if (rows.len() as i64) < batching.size {
@@ -299,7 +314,9 @@ mod tests {
         assert!(SAMPLE.contains("'reason', 'sample', 'error', 'boom'))"));
         assert!(SAMPLE.contains("'boom')),\n    extra = NULL\nWHERE j.ctid = ANY(ARRAY("));
         assert!(SAMPLE.contains("LIMIT $1\n    FOR UPDATE SKIP LOCKED))\nRETURNING"));
-        assert!(SAMPLE.ends_with("RETURNING j.id, j.state::text"));
+        assert!(
+            SAMPLE.ends_with("RETURNING j.id, j.state::text, j.kind, j.queue, j.attempt, j.run_at")
+        );
     }
 
     #[test]

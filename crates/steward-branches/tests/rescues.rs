@@ -1016,3 +1016,61 @@ mod expired_callbacks {
         );
     }
 }
+
+/// A writer that keeps what a subscriber writes, for reading log lines back.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An operator can follow each rescued job: one log line per job, with its id, kind, queue,
+/// the reason, the attempt and what happens next.
+#[tokio::test]
+async fn every_rescued_job_gets_a_log_line_saying_what_happens_next() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer({
+            let captured = captured.clone();
+            move || captured.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let r = &HEARTBEATS;
+    let db = db_with_leader().await;
+    let mut client = db.client().await;
+    let retried = r.seed(&client, r.state, 2, Some(1.0), 1, 5).await;
+    let failed = r.seed(&client, r.state, 1, Some(1.0), 5, 5).await;
+    let outcome = run(&*r.branch(""), &mut client).await;
+    assert_eq!(outcome.rows, 3);
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "rescued a job")
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in &lines {
+        let fields = &line["fields"];
+        let id = fields["job_id"].as_i64().unwrap();
+        assert_eq!(fields["reason"], "heartbeat");
+        assert_eq!(fields["kind"], "k");
+        assert_eq!(fields["queue"], "q");
+        if failed.contains(&id) {
+            assert_eq!(fields["next"], "failed: no attempt left", "{line}");
+            assert_eq!(fields["attempt"], 5);
+        } else {
+            assert!(retried.contains(&id), "{line}");
+            assert_eq!(fields["next"], "retry", "{line}");
+            assert!(fields["retry_at"].is_string(), "{line}");
+        }
+    }
+}

@@ -106,6 +106,7 @@ pub struct LoopTask {
 
 struct Slot {
     branch: Arc<dyn Branch>,
+    failures: FailureLog,
     due: Instant,
     /// How far into its interval the branch leaves its quiet period (see [`phases`]).
     phase: Duration,
@@ -151,6 +152,7 @@ impl LoopTask {
             .zip(phases(&self.branches))
             .map(|(branch, phase)| Slot {
                 branch: branch.clone(),
+                failures: FailureLog::default(),
                 due: start + phase,
                 phase,
                 tracker: OverrunTracker::default(),
@@ -357,6 +359,7 @@ impl LoopTask {
                 .observe(pass.duration, pass.start_delay, branch.interval(), failed);
         self.log_pass(
             branch,
+            &mut slot.failures,
             &pass.result,
             transition,
             pass.duration,
@@ -407,22 +410,39 @@ impl LoopTask {
     fn log_pass(
         &self,
         branch: &dyn Branch,
+        failures: &mut FailureLog,
         result: &RunResult,
         transition: Transition,
         duration: Duration,
         start_delay: Duration,
     ) {
         let name = branch.name();
+        let now = Instant::now();
         match result {
-            RunResult::Ok | RunResult::Fenced => {}
+            RunResult::Ok | RunResult::Fenced => {
+                if let Some(failed) = failures.succeeded() {
+                    tracing::info!(
+                        branch = name,
+                        loop_name = self.name,
+                        failed_passes = failed,
+                        "branch succeeded again"
+                    );
+                }
+            }
             RunResult::Timeout(e) => {
-                tracing::warn!(branch = name, loop_name = self.name, error = %e, "branch timed out; retrying on its next tick")
+                if let Some(unlogged) = failures.failed(now) {
+                    tracing::warn!(branch = name, loop_name = self.name, error = %e, unlogged_failures = unlogged, "branch timed out; retrying on its next tick")
+                }
             }
             RunResult::Error(e) => {
-                tracing::error!(branch = name, loop_name = self.name, error = %e, "branch failed; retrying on its next tick")
+                if let Some(unlogged) = failures.failed(now) {
+                    tracing::error!(branch = name, loop_name = self.name, error = %e, unlogged_failures = unlogged, "branch failed; retrying on its next tick")
+                }
             }
             RunResult::Panicked(e) => {
-                tracing::error!(branch = name, loop_name = self.name, panic = %e, "branch panicked; retrying on its next tick")
+                if let Some(unlogged) = failures.failed(now) {
+                    tracing::error!(branch = name, loop_name = self.name, panic = %e, unlogged_failures = unlogged, "branch panicked; retrying on its next tick")
+                }
             }
         }
         match transition {
@@ -443,6 +463,43 @@ impl LoopTask {
             }
             Transition::None => {}
         }
+    }
+}
+
+/// A branch's failures are logged at most once per this long: a table locked for a minute
+/// gives a few lines, each saying how many failures it stands for, rather than hundreds.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Which of a branch's failed passes are logged.
+#[derive(Debug, Default)]
+struct FailureLog {
+    last_logged: Option<Instant>,
+    /// Failures since the last logged one.
+    unlogged: u32,
+    in_a_row: u32,
+}
+
+impl FailureLog {
+    /// A failed pass: `Some(failures not logged before it)` when it is to be logged.
+    fn failed(&mut self, now: Instant) -> Option<u32> {
+        self.in_a_row += 1;
+        match self.last_logged {
+            Some(last) if now.duration_since(last) < FAILURE_LOG_EVERY => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.last_logged = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
+
+    /// A pass that succeeded: `Some(failed passes before it)` when it ends a run of failures.
+    fn succeeded(&mut self) -> Option<u32> {
+        self.last_logged = None;
+        self.unlogged = 0;
+        (self.in_a_row > 0).then(|| std::mem::take(&mut self.in_a_row))
     }
 }
 
@@ -575,6 +632,22 @@ mod tests {
             interval: Duration::from_millis(interval_ms),
             quiet: quiet.then_some(Duration::from_secs(30)),
         })
+    }
+
+    #[test]
+    fn a_run_of_failures_is_logged_once_per_period_with_what_it_left_out() {
+        let mut log = FailureLog::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(log.failed(at(0)), Some(0));
+        for ms in (250..10_000).step_by(250) {
+            assert_eq!(log.failed(at(ms)), None);
+        }
+        assert_eq!(log.failed(at(10_000)), Some(39));
+        assert_eq!(log.succeeded(), Some(41));
+        assert_eq!(log.succeeded(), None);
+        // A new run of failures is logged at once.
+        assert_eq!(log.failed(at(10_250)), Some(0));
     }
 
     #[test]

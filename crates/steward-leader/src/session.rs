@@ -151,6 +151,7 @@ pub async fn watch_for_wedged_leader(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut session = Reconnecting::new(target);
+    let mut leading: Option<(i64, String)> = None;
     let mut tick = tokio::time::interval(check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -169,6 +170,11 @@ pub async fn watch_for_wedged_leader(
         let Some(row) = row else { continue };
         let (epoch, instance, age): (i64, String, Option<f64>) =
             (row.get(0), row.get(1), row.get(2));
+        // Once per term: who this standby waits behind.
+        if leading.as_ref() != Some(&(epoch, instance.clone())) && instance != own_instance {
+            tracing::info!(leader = %instance, epoch, "standing by: another instance leads");
+            leading = Some((epoch, instance.clone()));
+        }
         let Some(age) = age else { continue };
         if instance == own_instance || age < wedge_timeout.as_secs_f64() {
             continue;
