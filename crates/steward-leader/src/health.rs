@@ -4,7 +4,7 @@
 
 pub(crate) mod writer;
 
-use crate::observe::{BranchRun, LeadershipEvent, Observer};
+use crate::observe::{BranchHeld, BranchRun, LeadershipEvent, Observer};
 use crate::tracker::OverrunState;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,8 +19,12 @@ pub struct BranchHealth {
     #[serde(rename = "loop")]
     pub loop_name: String,
     pub epoch: i64,
-    #[serde(with = "system_time_secs")]
-    pub last_run_at: SystemTime,
+    /// `None` until the branch runs in this term (a rescue held in its quiet period).
+    #[serde(with = "opt_system_time_secs")]
+    pub last_run_at: Option<SystemTime>,
+    /// A rescue held in its quiet period: when it may run.
+    #[serde(with = "opt_system_time_secs")]
+    pub held_until: Option<SystemTime>,
     #[serde(rename = "last_duration_seconds", with = "duration_secs")]
     pub last_duration: Duration,
     #[serde(rename = "last_start_delay_seconds", with = "duration_secs")]
@@ -31,8 +35,11 @@ pub struct BranchHealth {
     pub last_error: Option<String>,
     #[serde(with = "opt_system_time_secs")]
     pub last_error_at: Option<SystemTime>,
+    /// The term the last error came from.
+    pub last_error_epoch: Option<i64>,
     pub overrun: OverrunState,
     pub overrun_episodes: u64,
+    /// Passes and failed passes within the current term.
     pub runs: u64,
     pub errors: u64,
     /// Changed since the last flush to the database.
@@ -103,6 +110,38 @@ impl HealthRegistry {
     }
 }
 
+impl State {
+    /// The branch's entry, new (not yet run in this term) if it has none.
+    fn entry(
+        &mut self,
+        branch: &'static str,
+        class: Class,
+        loop_name: &str,
+        epoch: i64,
+    ) -> &mut BranchHealth {
+        self.branches.entry(branch).or_insert_with(|| BranchHealth {
+            branch: branch.to_owned(),
+            class,
+            loop_name: loop_name.to_owned(),
+            epoch,
+            last_run_at: None,
+            held_until: None,
+            last_duration: Duration::ZERO,
+            last_start_delay: Duration::ZERO,
+            last_rows: 0,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+            last_error_epoch: None,
+            overrun: OverrunState::OnTime,
+            overrun_episodes: 0,
+            runs: 0,
+            errors: 0,
+            dirty: true,
+        })
+    }
+}
+
 impl Observer for HealthRegistry {
     fn branch_run(&self, run: &BranchRun<'_>) {
         let mut state = self.state();
@@ -111,30 +150,11 @@ impl Observer for HealthRegistry {
             return;
         }
         let ok = run.result.error_message().is_none();
-        let entry = state
-            .branches
-            .entry(run.branch)
-            .or_insert_with(|| BranchHealth {
-                branch: run.branch.to_owned(),
-                class: run.class,
-                loop_name: run.loop_name.to_owned(),
-                epoch: run.epoch,
-                last_run_at: run.started_at,
-                last_duration: run.duration,
-                last_start_delay: run.start_delay,
-                last_rows: 0,
-                last_success_at: None,
-                last_error: None,
-                last_error_at: None,
-                overrun: run.overrun,
-                overrun_episodes: 0,
-                runs: 0,
-                errors: 0,
-                dirty: true,
-            });
+        let entry = state.entry(run.branch, run.class, run.loop_name, run.epoch);
         entry.epoch = run.epoch;
         entry.loop_name.replace_range(.., run.loop_name);
-        entry.last_run_at = run.started_at;
+        entry.last_run_at = Some(run.started_at);
+        entry.held_until = None;
         entry.last_duration = run.duration;
         entry.last_start_delay = run.start_delay;
         entry.last_rows = run.rows;
@@ -147,7 +167,19 @@ impl Observer for HealthRegistry {
             entry.errors += 1;
             entry.last_error = run.result.error_message();
             entry.last_error_at = Some(run.started_at + run.duration);
+            entry.last_error_epoch = Some(run.epoch);
         }
+        entry.dirty = true;
+    }
+
+    fn branch_held(&self, held: &BranchHeld) {
+        let mut state = self.state();
+        if state.epoch != Some(held.epoch) {
+            return;
+        }
+        let entry = state.entry(held.branch, held.class, held.loop_name, held.epoch);
+        entry.epoch = held.epoch;
+        entry.held_until = Some(held.until);
         entry.dirty = true;
     }
 
@@ -158,6 +190,13 @@ impl Observer for HealthRegistry {
                 state.is_leader = true;
                 state.epoch = Some(*epoch);
                 state.loops.clear();
+                // Counts are per term; the last error stays, with its epoch.
+                for branch in state.branches.values_mut() {
+                    branch.runs = 0;
+                    branch.errors = 0;
+                    branch.held_until = None;
+                    branch.dirty = true;
+                }
             }
             LeadershipEvent::Lost { epoch, .. } | LeadershipEvent::SteppedDown { epoch } => {
                 if state.epoch == Some(*epoch) {

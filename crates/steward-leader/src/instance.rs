@@ -4,10 +4,63 @@
 
 use crate::settings::LeaderSettings;
 use steward_connection::Target;
+use tokio_postgres::Client;
+
+/// Records (or refreshes) a candidate. Primary key of `candidates`.
+pub const REGISTER: &str = "
+INSERT INTO candidates (instance, host, pid, version, loop_mode, config_digest)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (instance) DO UPDATE SET last_seen = now()";
+
+/// Forgets candidates not seen for an hour (a process that died). A small table, scanned.
+pub const FORGET_GONE: &str = "
+DELETE FROM candidates WHERE last_seen < now() - interval '1 hour'";
+
+/// A candidate that stops cleanly withdraws. Primary key.
+pub const WITHDRAW: &str = "DELETE FROM candidates WHERE instance = $1";
+
+/// How a candidate appears in `candidates`.
+#[derive(Debug, Clone)]
+pub(crate) struct Registration {
+    pub instance: String,
+    pub host: String,
+    pub version: String,
+    pub loop_mode: &'static str,
+    pub config_digest: String,
+}
+
+impl Registration {
+    /// Records the candidate, or refreshes its last_seen.
+    pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let pid = std::process::id() as i32;
+        client
+            .execute(
+                REGISTER,
+                &[
+                    &self.instance,
+                    &self.host,
+                    &pid,
+                    &self.version,
+                    &self.loop_mode,
+                    &self.config_digest,
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn withdraw(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(WITHDRAW, &[&self.instance])
+            .await
+            .map(|_| ())
+    }
+}
 
 pub(crate) struct Instance {
     name: String,
     host: String,
+    registration: Registration,
     /// The queue's target with this instance's liveness settings.
     sessions: Target,
     /// The same, for sessions that run branch transactions.
@@ -31,11 +84,27 @@ impl Instance {
             format!("{}ms", settings.idle_in_transaction_timeout.as_millis()),
         );
         Self {
+            registration: Registration {
+                instance: name.clone(),
+                host: host.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                loop_mode: settings.loop_mode.as_str(),
+                config_digest: String::new(),
+            },
             name,
             host,
             sessions,
             work_sessions,
         }
+    }
+
+    pub fn registration(&self) -> &Registration {
+        &self.registration
+    }
+
+    /// The digest of the configuration this candidate runs with, as `candidates` shows it.
+    pub fn set_config_digest(&mut self, digest: String) {
+        self.registration.config_digest = digest;
     }
 
     pub fn name(&self) -> &str {

@@ -16,7 +16,9 @@ mod term;
 mod tracker;
 
 pub use health::{BranchHealth, HealthRegistry, HealthSnapshot};
-pub use observe::{BacklogReport, BranchRun, LeadershipEvent, Observer, Observers, RunResult};
+pub use observe::{
+    BacklogReport, BranchHeld, BranchRun, LeadershipEvent, Observer, Observers, RunResult,
+};
 pub use plan::{LoopPlan, PlannedLoop, MONOLITHIC};
 pub use runner::ContactMonitor;
 pub use session::{lock_name, LEADER_PROGRESS, START_TERM};
@@ -71,6 +73,13 @@ impl Candidate {
             observers: Observers::new(vec![Arc::new(health.clone())]),
             health,
         })
+    }
+
+    /// A digest of the configuration this candidate runs with (see `candidates`): candidates
+    /// whose digests differ would run the queue differently after a failover.
+    pub fn with_config_digest(mut self, digest: impl Into<String>) -> Self {
+        self.instance.set_config_digest(digest.into());
+        self
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
@@ -142,7 +151,7 @@ impl Candidate {
             let watcher_stop = CancellationToken::new();
             let watcher = tokio::spawn(session::watch_for_wedged_leader(
                 self.instance.session("watch"),
-                self.instance().to_owned(),
+                self.instance.registration().clone(),
                 self.settings.wedge_timeout,
                 self.settings.wedge_check_interval,
                 watcher_stop.clone(),
@@ -152,6 +161,10 @@ impl Candidate {
                 _ = session.ended() => Err("the leader connection closed while waiting".to_owned()),
                 _ = shutdown.cancelled() => {
                     watcher_stop.cancel();
+                    // The leader session is waiting on the lock; a session of its own withdraws.
+                    if let Ok(client) = self.instance.session("withdraw").connect().await {
+                        let _ = self.instance.registration().withdraw(&client).await;
+                    }
                     return Ok(());
                 }
             };
@@ -184,6 +197,7 @@ impl Candidate {
 
             let term = term::Term {
                 epoch,
+                registration: self.instance.registration(),
                 plan: &self.plan,
                 settings: &self.settings,
                 instance: &self.instance,
@@ -201,6 +215,14 @@ impl Candidate {
                             self.settings.shutdown_grace,
                         )
                         .await;
+                    if let Err(error) = self
+                        .instance
+                        .registration()
+                        .withdraw(session.client())
+                        .await
+                    {
+                        tracing::debug!(error = %describe_pg_error(&error), "could not withdraw the candidate");
+                    }
                     tracing::info!(epoch, "stepped down");
                     self.observers
                         .leadership(&LeadershipEvent::SteppedDown { epoch });

@@ -64,6 +64,17 @@ pub struct BranchRun<'a> {
     pub consecutive_failures: u32,
 }
 
+/// A branch with a quiet period (a rescue) is held until `until`: after a term starts, and
+/// again after contact with the database was regained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BranchHeld {
+    pub branch: &'static str,
+    pub class: Class,
+    pub loop_name: &'static str,
+    pub epoch: i64,
+    pub until: SystemTime,
+}
+
 /// The age of an SLO branch's backlog, as the leader measured it (see `backlog.rs`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BacklogReport {
@@ -99,6 +110,8 @@ pub trait Observer: Send + Sync + 'static {
     fn loop_progress(&self, _loop_name: &str, _epoch: i64) {}
     /// The leader measured an SLO branch's backlog.
     fn backlog(&self, _report: &BacklogReport) {}
+    /// A branch waits out its quiet period.
+    fn branch_held(&self, _held: &BranchHeld) {}
 }
 
 /// Fan-out to several observers.
@@ -134,5 +147,8 @@ impl Observer for Observers {
     }
     fn backlog(&self, report: &BacklogReport) {
         self.0.iter().for_each(|o| o.backlog(report));
+    }
+    fn branch_held(&self, held: &BranchHeld) {
+        self.0.iter().for_each(|o| o.branch_held(held));
     }
 }

@@ -7,7 +7,7 @@
 //! the term ends no further branch starts. A branch error or panic is logged, reported and
 //! retried on its next tick; it never stops the loop.
 
-use crate::observe::{BranchRun, Observer, RunResult};
+use crate::observe::{BranchHeld, BranchRun, Observer, RunResult};
 use crate::settings::LoopMode;
 use crate::tracker::{OverrunTracker, Transition};
 use futures_util::FutureExt;
@@ -168,6 +168,8 @@ impl LoopTask {
         // Registers the loop with /healthz from the term's start, so that one stuck before its
         // first pass (connecting, a first statement that hangs) shows as stalled.
         self.observer.loop_progress(self.name, self.epoch);
+        // The contact anchor the quiet periods were last reported from.
+        let mut held_from: Option<Instant> = None;
         loop {
             if self.stop.is_stopped() {
                 return LoopExit::Stopped;
@@ -193,6 +195,11 @@ impl LoopTask {
                 }
                 continue;
             };
+            let anchor = self.contact.anchor();
+            if held_from != Some(anchor) {
+                held_from = Some(anchor);
+                self.report_holds(&slots, anchor);
+            }
             let (index, due) = match self.wait(&mut slots, conn).await {
                 Waited::Due { index, due } => (index, due),
                 Waited::Again => continue,
@@ -234,6 +241,25 @@ impl LoopTask {
                     contact_lost = true;
                 }
             }
+        }
+    }
+
+    /// Tells the observers until when each branch with a quiet period is held, counted from
+    /// `anchor` (the start of the term, or the last regained contact).
+    fn report_holds(&self, slots: &[Slot], anchor: Instant) {
+        let now = Instant::now();
+        for slot in slots {
+            let until = effective_due(slot, anchor);
+            if slot.branch.quiet_period().is_none() || until <= now {
+                continue;
+            }
+            self.observer.branch_held(&BranchHeld {
+                branch: slot.branch.name(),
+                class: slot.branch.class(),
+                loop_name: self.name,
+                epoch: self.epoch,
+                until: SystemTime::now() + (until - now),
+            });
         }
     }
 

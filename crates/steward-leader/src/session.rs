@@ -6,6 +6,7 @@
 //! statements it runs during a term are the probe (`SELECT 1`, bounded by a timeout) and the
 //! term's start and end.
 
+use crate::instance::Registration;
 use std::time::{Duration, Instant};
 use steward_connection::{
     describe_pg_error, ConnectError, Ended, Reconnecting, SchemaName, Target,
@@ -143,9 +144,9 @@ WHERE application_name LIKE $1 AND pid <> pg_backend_pid()";
 
 /// Standby side: while waiting for the lock, take over from a leader that holds it but has made
 /// no progress for `wedge_timeout` (runtime stuck, process paused) by ending its sessions.
-pub async fn watch_for_wedged_leader(
+pub(crate) async fn watch_for_wedged_leader(
     target: Target,
-    own_instance: String,
+    registration: Registration,
     wedge_timeout: Duration,
     check_every: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -160,6 +161,10 @@ pub async fn watch_for_wedged_leader(
             _ = tick.tick() => {}
         }
         let Ok(c) = session.get().await else { continue };
+        if let Err(error) = registration.refresh(c).await {
+            tracing::debug!(error = %describe_pg_error(&error), "could not refresh the candidate's record");
+        }
+        let own_instance = &registration.instance;
         let row = match c.query_opt(LEADER_PROGRESS, &[]).await {
             Ok(row) => row,
             Err(error) => {
@@ -171,12 +176,12 @@ pub async fn watch_for_wedged_leader(
         let (epoch, instance, age): (i64, String, Option<f64>) =
             (row.get(0), row.get(1), row.get(2));
         // Once per term: who this standby waits behind.
-        if leading.as_ref() != Some(&(epoch, instance.clone())) && instance != own_instance {
+        if leading.as_ref() != Some(&(epoch, instance.clone())) && instance != *own_instance {
             tracing::info!(leader = %instance, epoch, "standing by: another instance leads");
             leading = Some((epoch, instance.clone()));
         }
         let Some(age) = age else { continue };
-        if instance == own_instance || age < wedge_timeout.as_secs_f64() {
+        if instance == *own_instance || age < wedge_timeout.as_secs_f64() {
             continue;
         }
         tracing::warn!(epoch, %instance, stalled_secs = age, "the leader has made no progress; ending its sessions to take over");

@@ -31,9 +31,19 @@ pub const BRANCHES: &str = "
 SELECT b.branch, b.loop_name, b.epoch, t.instance, b.last_run_at,
        extract(epoch FROM clock_timestamp() - b.last_run_at)::float8,
        b.last_duration_ms, b.last_start_delay_ms, b.last_rows, b.last_success_at, b.last_error,
-       b.last_error_at, b.overrun_state, b.overrun_episodes, b.runs, b.errors
+       b.last_error_at, b.overrun_state, b.overrun_episodes, b.runs, b.errors,
+       b.class, b.held_until, b.last_error_epoch,
+       extract(epoch FROM clock_timestamp() - b.last_error_at)::float8
 FROM branch_health b LEFT JOIN leader_terms t ON t.epoch = b.epoch
-ORDER BY b.loop_name DESC, b.branch";
+ORDER BY b.class DESC NULLS LAST, b.loop_name DESC, b.branch";
+
+/// Every candidate that recorded itself, the one named `$1` (the leader) first, then by age.
+/// A small table, scanned.
+pub const CANDIDATES: &str = "
+SELECT instance, host, pid, version, loop_mode, config_digest, since,
+       extract(epoch FROM clock_timestamp() - last_seen)::float8
+FROM candidates
+ORDER BY instance = $1 DESC NULLS LAST, since";
 
 #[derive(Debug, thiserror::Error)]
 #[error("reading {what}: {}", describe_pg_error(.cause))]
@@ -57,7 +67,24 @@ pub struct Status {
     pub leader: Option<TermStatus>,
     /// The last term, when nobody holds the lock.
     pub last_term: Option<TermStatus>,
+    /// Every recorded candidate, the leader first.
+    pub candidates: Vec<CandidateStatus>,
     pub branches: Vec<BranchStatus>,
+}
+
+/// A `steward run` process standing for election (or leading).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CandidateStatus {
+    pub instance: String,
+    pub host: String,
+    pub pid: i32,
+    pub version: String,
+    pub loop_mode: String,
+    pub config_digest: String,
+    pub since: DateTime<Utc>,
+    pub seconds_since_seen: Option<f64>,
+    /// It leads the current term.
+    pub leading: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,9 +102,13 @@ pub struct TermStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BranchStatus {
     pub branch: String,
+    /// slo or hygiene.
+    pub class: Option<String>,
     /// The loop that ran the branch (see [`crate::LoopPlan`]).
     #[serde(rename = "loop")]
     pub loop_name: String,
+    /// A rescue held in its quiet period: when it may run.
+    pub held_until: Option<DateTime<Utc>>,
     pub epoch: i64,
     /// The instance that led `epoch` (counters are per process: each counts from zero).
     pub instance: Option<String>,
@@ -89,8 +120,12 @@ pub struct BranchStatus {
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    pub seconds_since_error: Option<f64>,
+    /// The term the last error came from.
+    pub last_error_epoch: Option<i64>,
     pub overrun_state: String,
     pub overrun_episodes: i64,
+    /// Passes and failed passes in the term of `epoch`.
     pub runs: i64,
     pub errors: i64,
 }
@@ -119,11 +154,33 @@ pub async fn read(client: &Client, schema: &SchemaName) -> Result<Status, Status
         .iter()
         .map(branch_status)
         .collect();
+    let leading = leader.as_ref().map(|l| l.instance.clone());
+    let candidates = client
+        .query(CANDIDATES, &[&leading])
+        .await
+        .map_err(StatusError::reading("the candidates"))?
+        .iter()
+        .map(|row| {
+            let instance: String = row.get(0);
+            CandidateStatus {
+                leading: leading.as_deref() == Some(instance.as_str()),
+                instance,
+                host: row.get(1),
+                pid: row.get(2),
+                version: row.get(3),
+                loop_mode: row.get(4),
+                config_digest: row.get(5),
+                since: row.get(6),
+                seconds_since_seen: row.get(7),
+            }
+        })
+        .collect();
     Ok(Status {
         schema: schema.to_string(),
         lock_held,
         leader,
         last_term,
+        candidates,
         branches,
     })
 }
@@ -160,5 +217,9 @@ fn branch_status(row: &Row) -> BranchStatus {
         overrun_episodes: row.get(13),
         runs: row.get(14),
         errors: row.get(15),
+        class: row.get(16),
+        held_until: row.get(17),
+        last_error_epoch: row.get(18),
+        seconds_since_error: row.get(19),
     }
 }

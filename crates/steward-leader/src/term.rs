@@ -3,7 +3,7 @@
 
 use crate::health::writer::health_writer;
 use crate::health::HealthRegistry;
-use crate::instance::Instance;
+use crate::instance::{Instance, Registration};
 use crate::observe::Observer;
 use crate::plan::{LoopPlan, PlannedLoop};
 use crate::runner::{ContactMonitor, LoopExit, LoopSettings, LoopTask, StopSignal};
@@ -29,6 +29,7 @@ pub const BACKLOG_TASK: &str = "backlog";
 /// What a term needs from its candidate.
 pub(crate) struct Term<'a> {
     pub epoch: i64,
+    pub registration: &'a Registration,
     pub plan: &'a LoopPlan,
     pub settings: &'a LeaderSettings,
     pub instance: &'a Instance,
@@ -40,6 +41,7 @@ pub(crate) struct Term<'a> {
 pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> TermEnd {
     let Term {
         epoch,
+        registration,
         plan,
         settings,
         instance,
@@ -96,6 +98,7 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     let mut measure = spawn_measure(Duration::ZERO);
     let mut writer = tokio::spawn(health_writer(
         instance.work_session("health"),
+        registration.clone(),
         epoch,
         health,
         settings.progress_interval,

@@ -1321,3 +1321,66 @@ async fn a_locked_jobs_table_shows_as_a_growing_backlog_and_failed_passes() {
         .await;
     leader.stop().await;
 }
+
+/// `steward_leader::status` sees every candidate, the leader first, each rescue held in its
+/// quiet period with the time it may run, and forgets a standby that stopped cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_every_candidate_leader_first_and_rescues_held_in_their_quiet_period() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let branches = || {
+        vec![
+            slo(50),
+            heartbeat_rescue(Duration::from_millis(200), Duration::from_secs(600)),
+        ]
+    };
+    let leader = start(&db, fast_settings(LoopMode::Split), branches());
+    leader
+        .recorder
+        .until("the leader's first pass", || {
+            leader.recorder.passes("test_slo") >= 1
+        })
+        .await;
+    let standby = start(&db, fast_settings(LoopMode::Split), branches());
+    let read = || steward_leader::status::read(&client, db.schema());
+    poll_db(
+        "both candidates and the held rescue in the status",
+        || async {
+            let status = read().await.unwrap();
+            status.candidates.len() == 2
+                && status
+                    .branches
+                    .iter()
+                    .any(|b| b.branch == "rescue_stale_heartbeats" && b.held_until.is_some())
+        },
+    )
+    .await;
+    let status = read().await.unwrap();
+    let first = &status.candidates[0];
+    assert!(first.leading, "{status:?}");
+    assert_eq!(first.instance, leader.candidate.instance());
+    assert_eq!(status.candidates[1].instance, standby.candidate.instance());
+    assert!(!status.candidates[1].leading);
+    let held = status
+        .branches
+        .iter()
+        .find(|b| b.branch == "rescue_stale_heartbeats")
+        .unwrap();
+    // Held for its quiet period, the staleness (600 s), from the term's start.
+    let held_for = (held.held_until.unwrap() - chrono::Utc::now()).num_seconds();
+    assert!((500..=600).contains(&held_for), "{held:?}");
+    assert_eq!(held.runs, 0);
+    assert!(held.last_run_at.is_none());
+    assert_eq!(held.class.as_deref(), Some("slo"));
+
+    standby.stop().await;
+    poll_db("the standby withdrawn", || async {
+        read().await.unwrap().candidates.len() == 1
+    })
+    .await;
+    leader.stop().await;
+    assert!(
+        read().await.unwrap().candidates.is_empty(),
+        "the leader withdrew too"
+    );
+}

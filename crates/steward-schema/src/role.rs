@@ -16,6 +16,7 @@ GRANT SELECT, INSERT, DELETE ON {schema}.cron_fires TO {role};
 GRANT SELECT, INSERT ON {schema}.job_archive TO {role};
 GRANT SELECT, UPDATE ON {schema}.leader TO {role};
 GRANT SELECT, INSERT, UPDATE ON {schema}.leader_terms, {schema}.branch_health TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.candidates TO {role};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.retry_backoff(integer, double precision, double precision, double precision) TO {role};
 GRANT EXECUTE ON FUNCTION {schema}.create_archive_partition(date) TO {role};

@@ -2,6 +2,7 @@
 //! wedged leader, and per-branch health, which `steward status` reads from any host.
 
 use crate::health::{BranchHealth, HealthRegistry};
+use crate::instance::{Registration, FORGET_GONE};
 use std::time::Duration;
 use steward_connection::{describe_pg_error, Reconnecting, Target};
 use tokio_util::sync::CancellationToken;
@@ -9,19 +10,25 @@ use tokio_util::sync::CancellationToken;
 /// Upserts per-branch health from a batch of parallel arrays; a writer of an older term never
 /// overwrites a newer term's rows. Primary key of branch_health.
 pub const UPSERT_BRANCH_HEALTH: &str = "
-INSERT INTO branch_health (branch, loop_name, epoch, last_run_at, last_duration_ms, last_start_delay_ms,
-    last_rows, last_success_at, last_error, last_error_at, overrun_state, overrun_episodes, runs, errors, updated_at)
-SELECT b, l, $3, to_timestamp(r), d, s, n, to_timestamp(ok), e, to_timestamp(ea), o, ep, runs, errs, now()
-FROM unnest($1::text[], $2::text[], $4::float8[], $5::float8[], $6::float8[], $7::int8[], $8::float8[],
-            $9::text[], $10::float8[], $11::text[], $12::int8[], $13::int8[], $14::int8[])
-     AS u(b, l, r, d, s, n, ok, e, ea, o, ep, runs, errs)
+INSERT INTO branch_health (branch, loop_name, class, epoch, last_run_at, held_until,
+    last_duration_ms, last_start_delay_ms, last_rows, last_success_at, last_error, last_error_at,
+    last_error_epoch, overrun_state, overrun_episodes, runs, errors, updated_at)
+SELECT b, l, c, $4, to_timestamp(r), to_timestamp(h), d, s, n, to_timestamp(ok), e,
+       to_timestamp(ea), ee, o, ep, runs, errs, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $5::float8[], $6::float8[], $7::float8[],
+            $8::float8[], $9::int8[], $10::float8[], $11::text[], $12::float8[], $13::int8[],
+            $14::text[], $15::int8[], $16::int8[], $17::int8[])
+     AS u(b, l, c, r, h, d, s, n, ok, e, ea, ee, o, ep, runs, errs)
 ON CONFLICT (branch) DO UPDATE SET
-    loop_name = excluded.loop_name, epoch = excluded.epoch, last_run_at = excluded.last_run_at,
+    loop_name = excluded.loop_name, class = excluded.class, epoch = excluded.epoch,
+    last_run_at = coalesce(excluded.last_run_at, branch_health.last_run_at),
+    held_until = excluded.held_until,
     last_duration_ms = excluded.last_duration_ms, last_start_delay_ms = excluded.last_start_delay_ms,
     last_rows = excluded.last_rows,
     last_success_at = coalesce(excluded.last_success_at, branch_health.last_success_at),
     last_error = coalesce(excluded.last_error, branch_health.last_error),
     last_error_at = coalesce(excluded.last_error_at, branch_health.last_error_at),
+    last_error_epoch = coalesce(excluded.last_error_epoch, branch_health.last_error_epoch),
     overrun_state = excluded.overrun_state, overrun_episodes = excluded.overrun_episodes,
     runs = excluded.runs, errors = excluded.errors, updated_at = now()
 WHERE branch_health.epoch <= excluded.epoch";
@@ -31,10 +38,11 @@ WHERE branch_health.epoch <= excluded.epoch";
 pub const MARK_PROGRESS: &str = "
 UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = $1";
 
-/// Marks progress for standbys and flushes branch health, every `every`, on its own
-/// connection. Returns when the progress mark shows that a newer term has started.
+/// Marks progress for standbys, keeps the candidates table fresh and flushes branch health,
+/// every `every`, on its own connection. Returns when the progress mark shows that a newer term has started.
 pub(crate) async fn health_writer(
     target: Target,
+    registration: Registration,
     epoch: i64,
     health: HealthRegistry,
     every: Duration,
@@ -63,6 +71,14 @@ pub(crate) async fn health_writer(
                 continue;
             }
         }
+        // The leader keeps its own candidate record fresh, and forgets candidates long gone.
+        let registered = async {
+            registration.refresh(c).await?;
+            c.execute(FORGET_GONE, &[]).await
+        };
+        if let Err(error) = registered.await {
+            tracing::debug!(error = %describe_pg_error(&error), "could not refresh the candidates");
+        }
         let dirty = health.take_dirty();
         if dirty.is_empty() {
             continue;
@@ -85,7 +101,9 @@ async fn write_health(
     };
     let branch: Vec<&str> = rows.iter().map(|r| r.branch.as_str()).collect();
     let loop_name: Vec<&str> = rows.iter().map(|r| r.loop_name.as_str()).collect();
-    let run_at: Vec<Option<f64>> = rows.iter().map(|r| secs(r.last_run_at)).collect();
+    let class: Vec<&str> = rows.iter().map(|r| r.class.as_str()).collect();
+    let run_at: Vec<Option<f64>> = rows.iter().map(|r| r.last_run_at.and_then(secs)).collect();
+    let held: Vec<Option<f64>> = rows.iter().map(|r| r.held_until.and_then(secs)).collect();
     let duration_ms: Vec<f64> = rows
         .iter()
         .map(|r| r.last_duration.as_secs_f64() * 1000.0)
@@ -104,6 +122,7 @@ async fn write_health(
         .iter()
         .map(|r| r.last_error_at.and_then(secs))
         .collect();
+    let error_epoch: Vec<Option<i64>> = rows.iter().map(|r| r.last_error_epoch).collect();
     let overrun: Vec<&str> = rows.iter().map(|r| r.overrun.as_str()).collect();
     let episodes: Vec<i64> = rows.iter().map(|r| r.overrun_episodes as i64).collect();
     let runs: Vec<i64> = rows.iter().map(|r| r.runs as i64).collect();
@@ -114,14 +133,17 @@ async fn write_health(
             &[
                 &branch,
                 &loop_name,
+                &class,
                 &epoch,
                 &run_at,
+                &held,
                 &duration_ms,
                 &delay_ms,
                 &row_count,
                 &success,
                 &error,
                 &error_at,
+                &error_epoch,
                 &overrun,
                 &episodes,
                 &runs,
