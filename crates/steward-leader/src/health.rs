@@ -56,12 +56,35 @@ pub struct HealthSnapshot {
     pub loops: BTreeMap<String, Duration>,
 }
 
+/// One pass, as the live page's timeline draws it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PassRecord {
+    pub branch: &'static str,
+    pub class: Class,
+    #[serde(rename = "loop")]
+    pub loop_name: &'static str,
+    pub epoch: i64,
+    /// Unix seconds.
+    #[serde(with = "system_time_secs")]
+    pub started_at: SystemTime,
+    #[serde(rename = "duration_seconds", with = "duration_secs")]
+    pub duration: Duration,
+    /// ok, error or timeout.
+    pub outcome: &'static str,
+    pub rows: u64,
+}
+
+/// Passes are kept this long for the live page, and at most [`PASSES_KEPT`] of them.
+pub const PASSES_WINDOW: Duration = Duration::from_secs(300);
+pub const PASSES_KEPT: usize = 20_000;
+
 #[derive(Default)]
 struct State {
     is_leader: bool,
     epoch: Option<i64>,
     branches: BTreeMap<&'static str, BranchHealth>,
     loops: BTreeMap<String, Instant>,
+    passes: std::collections::VecDeque<PassRecord>,
 }
 
 /// Shared, cheap to clone.
@@ -99,6 +122,17 @@ impl HealthRegistry {
                 b.dirty = false;
                 b.clone()
             })
+            .collect()
+    }
+
+    /// The passes of the last few minutes ([`PASSES_WINDOW`]) that started after `since`.
+    pub fn passes_since(&self, since: SystemTime) -> Vec<PassRecord> {
+        let state = self.state();
+        state
+            .passes
+            .iter()
+            .filter(|p| p.started_at > since)
+            .cloned()
             .collect()
     }
 
@@ -150,6 +184,22 @@ impl Observer for HealthRegistry {
             return;
         }
         let ok = run.result.error_message().is_none();
+        let horizon = SystemTime::now() - PASSES_WINDOW;
+        while state.passes.front().is_some_and(|p| p.started_at < horizon)
+            || state.passes.len() >= PASSES_KEPT
+        {
+            state.passes.pop_front();
+        }
+        state.passes.push_back(PassRecord {
+            branch: run.branch,
+            class: run.class,
+            loop_name: run.loop_name,
+            epoch: run.epoch,
+            started_at: run.started_at,
+            duration: run.duration,
+            outcome: run.result.outcome(),
+            rows: run.rows,
+        });
         let entry = state.entry(run.branch, run.class, run.loop_name, run.epoch);
         entry.epoch = run.epoch;
         entry.loop_name.replace_range(.., run.loop_name);

@@ -15,7 +15,7 @@ pub mod status;
 mod term;
 mod tracker;
 
-pub use health::{BranchHealth, HealthRegistry, HealthSnapshot};
+pub use health::{BranchHealth, HealthRegistry, HealthSnapshot, PassRecord};
 pub use observe::{
     BacklogReport, BranchHeld, BranchRun, LeadershipEvent, Observer, Observers, RunResult,
 };

@@ -1,6 +1,6 @@
 //! `/metrics`, `/healthz`, `/readyz` and `/leader`.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use steward_connection::{Reconnecting, Target};
+use steward_connection::{Reconnecting, SchemaName, Target};
 use steward_leader::HealthRegistry;
 use tokio::sync::Mutex;
 
@@ -22,6 +22,9 @@ pub struct HttpState {
     pub loop_stall_limit: Duration,
     /// `/readyz`'s probe session.
     probe: Arc<Mutex<Reconnecting>>,
+    /// The session `/status` reads the database's view with.
+    status: Arc<Mutex<Reconnecting>>,
+    schema: SchemaName,
 }
 
 impl HttpState {
@@ -40,6 +43,8 @@ impl HttpState {
             probe: Arc::new(Mutex::new(Reconnecting::new(
                 target.named("steward:readyz"),
             ))),
+            status: Arc::new(Mutex::new(Reconnecting::new(target.named("steward:page")))),
+            schema: target.schema().clone(),
         }
     }
 }
@@ -54,6 +59,9 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and /leader");
     let app = Router::new()
+        .route("/", get(page))
+        .route("/status", get(status))
+        .route("/passes", get(passes))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -64,6 +72,55 @@ pub async fn serve(
             tracing::error!(%error, "the HTTP endpoint stopped");
         }
     }))
+}
+
+/// A small read-only page: leader, candidates, branches and a live timeline of passes.
+async fn page() -> Response {
+    (
+        [("content-type", "text/html; charset=utf-8")],
+        include_str!("page.html"),
+    )
+        .into_response()
+}
+
+/// The database's view, as `steward status --json` shows it.
+async fn status(State(state): State<HttpState>) -> Response {
+    let mut session = state.status.lock().await;
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = session.get().await.map_err(|e| e.to_string())?;
+        steward_leader::status::read(client, &state.schema)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match read {
+        Ok(Ok(status)) => Json(status).into_response(),
+        Ok(Err(error)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": error })),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": "no answer within 2s" })),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    /// Unix seconds; passes that started after it.
+    since: Option<f64>,
+}
+
+/// The passes this instance ran in the last few minutes, after `since`.
+async fn passes(State(state): State<HttpState>, Query(since): Query<Since>) -> Response {
+    let since = since
+        .since
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .map_or(std::time::UNIX_EPOCH, |d| std::time::UNIX_EPOCH + d);
+    Json(state.health.passes_since(since)).into_response()
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
