@@ -1,8 +1,8 @@
 //! The live page on the metrics port, driven in a real headless Chromium.
 
-mod support;
 #[path = "support/http.rs"]
 mod http;
+mod support;
 
 use std::time::Duration;
 use steward_testkit::TestDb;
@@ -84,7 +84,10 @@ fn the_page_shows_the_leader_and_passes_in_every_lane() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, body) = steward.get("/passes");
-        if loops.iter().all(|l| body.contains(&format!("\"loop\":\"{l}\""))) {
+        if loops
+            .iter()
+            .all(|l| body.contains(&format!("\"loop\":\"{l}\"")))
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "passes: {body}");
@@ -93,7 +96,9 @@ fn the_page_shows_the_leader_and_passes_in_every_lane() {
 
     let dom = headless(&browser, &url, &["--dump-dom"]);
     assert!(
-        dom.contains(&format!("data-instance=\"{instance}\" data-leader=\"true\"")),
+        dom.contains(&format!(
+            "data-instance=\"{instance}\" data-leader=\"true\""
+        )),
         "the leader is not listed as such:\n{dom}"
     );
     for lane in loops {
@@ -107,7 +112,10 @@ fn the_page_shows_the_leader_and_passes_in_every_lane() {
             &dom[start..end]
         );
     }
-    assert!(dom.contains("data-branch=\"rescue_stale_heartbeats\""), "{dom}");
+    assert!(
+        dom.contains("data-branch=\"rescue_stale_heartbeats\""),
+        "{dom}"
+    );
 
     // Kept as a test artifact.
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("steward-page.png");

@@ -492,7 +492,7 @@ fn status_shows_the_leader_and_its_branches_then_no_leader() {
     let db = runtime.block_on(TestDb::new());
     let url = db.url();
     let (code, stdout, _) = steward(&url, &["status"]);
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(2), "no leader: exit 2");
     assert!(
         stdout.contains("no leader") && stdout.contains("no term has ever started"),
         "{stdout}"
@@ -512,21 +512,52 @@ fn status_shows_the_leader_and_its_branches_then_no_leader() {
             .unwrap_or(false)
     });
     let (code, stdout, _) = steward(&url, &["status", "--json"]);
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(0), "{stdout}");
     let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(status["lock_held"], true);
     assert_eq!(status["leader"]["instance"], instance.as_str());
     assert_eq!(status["leader"]["epoch"], 1);
+    assert_eq!(status["verdict"]["healthy"], true);
+    assert_eq!(status["candidates"][0]["instance"], instance.as_str());
+    assert_eq!(status["candidates"][0]["leading"], true);
     let (_, table, _) = steward(&url, &["status"]);
     assert!(
         table.contains(&format!("leader: {instance}")) && table.contains("promote_scheduled"),
         "{table}"
     );
+    // Every branch is listed, the rescues held in their quiet period (30 s after the start).
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("rescue_stale_heartbeats") && l.contains("held until")),
+        "{table}"
+    );
+    assert!(table.contains("candidates (1):"), "{table}");
+
+    // A reader that goes away at once (`steward status | true`) ends it quietly.
+    let mut child = std::process::Command::new(STEWARD)
+        .args(["status"])
+        .env("DATABASE_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(101), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 
     leader.signal("TERM");
     assert_eq!(leader.wait_exit(Duration::from_secs(30)), Some(0));
-    let (_, stdout, _) = steward(&url, &["status", "--json"]);
+    let (code, stdout, _) = steward(&url, &["status", "--json"]);
+    assert_eq!(code, Some(2), "no leader: exit 2");
     let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["verdict"]["healthy"], false);
+    assert!(
+        status["candidates"].as_array().unwrap().is_empty(),
+        "{stdout}"
+    );
     assert_eq!(status["lock_held"], false);
     assert!(status["leader"].is_null());
     assert_eq!(status["last_term"]["instance"], instance.as_str());
@@ -544,6 +575,14 @@ fn status_on_a_missing_schema_says_to_migrate() {
     let (code, _, stderr) = steward(&db.url(), &["status"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("steward migrate"), "{stderr}");
+    // With --json, the error is JSON too, on stdout.
+    let (code, stdout, _) = steward(&db.url(), &["status", "--json"]);
+    assert_eq!(code, Some(1));
+    let error: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(
+        error["error"].as_str().unwrap().contains("steward migrate"),
+        "{stdout}"
+    );
 }
 
 /// Log lines written to a pipe (a file, a collector) carry no terminal colour codes.

@@ -47,12 +47,17 @@ enum Command {
     /// Stand for election and, when elected, run the maintenance branches until SIGTERM/SIGINT.
     Run(run::RunArgs),
     /// Who leads, and per branch: last run, duration, start delay, overrun state, last error.
+    /// Exit code: 0 healthy; 1 unreachable or not migrated; 2 no leader, a leader making no
+    /// progress, or an SLO branch delayed.
     Status {
         #[command(flatten)]
         db: DbArgs,
-        /// Machine-readable output.
+        /// Machine-readable output (errors too).
         #[arg(long)]
         json: bool,
+        /// Read again every two seconds, in place.
+        #[arg(long)]
+        watch: bool,
     },
     /// Run Steward end to end on this machine: Postgres (started if needed), a workload, a summary.
     Demo(demo::DemoArgs),
@@ -103,7 +108,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run_command(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             // The message and its causes, never a backtrace: these are an operator's errors
             // (a bad value, an unreachable database), not the program's.
@@ -113,7 +118,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run_command(cli: Cli) -> anyhow::Result<()> {
+async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     // `run` sets up its own telemetry (metrics, traces, logs).
     match cli.command {
         Command::Run(_) => {}
@@ -153,16 +158,16 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Demo(args) => demo::run(args).await?,
-        Command::Status { db, json } => {
-            let client = connect(&db, "steward:status").await?;
-            steward_schema::check_schema(&client, &db.schema).await?;
-            status::print(
-                &steward_leader::status::read(&client, &db.schema).await?,
-                json,
-            )?;
+        Command::Status { db, json, watch } => {
+            let read = || async {
+                let client = connect(&db, "steward:status").await?;
+                steward_schema::check_schema(&client, &db.schema).await?;
+                Ok(steward_leader::status::read(&client, &db.schema).await?)
+            };
+            return Ok(status::command(read, json, watch).await);
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn connect(db: &DbArgs, application_name: &str) -> anyhow::Result<tokio_postgres::Client> {
