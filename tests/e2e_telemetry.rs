@@ -360,6 +360,8 @@ fn help_does_not_print_the_database_password() {
             !stdout.contains("hunter2") && !stderr.contains("hunter2"),
             "{command:?} prints the password:\n{stdout}{stderr}"
         );
+        // An unset variable is named, not shown as `NAME=`.
+        assert!(!stdout.contains("=]"), "{command:?}: {stdout}");
     }
 }
 

@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use steward_connection::{SchemaName, Target};
 
+// Every environment variable's value is hidden in --help: clap shows an unset one as
+// `[env: NAME=]`, and a set one could hold a secret.
 #[derive(Parser, Debug)]
 #[command(
     name = "steward",
@@ -28,7 +30,7 @@ struct DbArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// Postgres schema holding Steward's tables.
-    #[arg(long, env = "STEWARD_SCHEMA", default_value = SchemaName::DEFAULT)]
+    #[arg(long, env = "STEWARD_SCHEMA", hide_env_values = true, default_value = SchemaName::DEFAULT)]
     schema: SchemaName,
 }
 

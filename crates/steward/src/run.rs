@@ -17,26 +17,31 @@ pub struct RunArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Schema holding Steward's tables (overrides `schema` in the config file; default steward).
-    #[arg(long, env = "STEWARD_SCHEMA")]
+    #[arg(long, env = "STEWARD_SCHEMA", hide_env_values = true)]
     schema: Option<String>,
     /// TOML configuration file.
-    #[arg(long, env = "STEWARD_CONFIG")]
+    #[arg(long, env = "STEWARD_CONFIG", hide_env_values = true)]
     config: Option<PathBuf>,
     /// split: SLO and hygiene branches (and the promoter) on loops and connections of their own;
     /// monolithic: every branch on one loop.
-    #[arg(long, env = "STEWARD_LOOP_MODE")]
+    #[arg(long, env = "STEWARD_LOOP_MODE", hide_env_values = true)]
     loop_mode: Option<LoopMode>,
     /// Override any setting, e.g. --set branches.cleanup.batch_size=500 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    #[arg(long, env = "STEWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    #[arg(long, env = "STEWARD_LOG_FORMAT", hide_env_values = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /leader). Loopback by default;
     /// use 0.0.0.0:9464 to expose it (e.g. in a container).
-    #[arg(long, env = "STEWARD_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "STEWARD_METRICS_ADDR",
+        hide_env_values = true,
+        default_value = "127.0.0.1:9464"
+    )]
     metrics_addr: std::net::SocketAddr,
     /// /healthz fails when a maintenance loop finished no iteration for this long.
-    #[arg(long, env = "STEWARD_LOOP_STALL_LIMIT", default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "STEWARD_LOOP_STALL_LIMIT", hide_env_values = true, default_value = "2m", value_parser = humantime::parse_duration)]
     loop_stall_limit: std::time::Duration,
 }
 
