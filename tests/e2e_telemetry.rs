@@ -604,3 +604,45 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     assert!(stderr.contains("ERROR"), "{stderr}");
     assert!(!stderr.contains('\x1b'), "colour codes in {stderr:?}");
 }
+
+/// `migrate` and `status` read the configuration file like `run`, and `migrate` says what it did
+/// without the driver's or the migration library's chatter.
+#[test]
+fn migrate_and_status_read_the_config_file_and_migrate_is_quiet() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::empty());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("steward.toml");
+    std::fs::write(
+        &config,
+        format!("database_url = \"{}\"\nschema = \"from_file\"\n", db.url()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(STEWARD)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DATABASE_URL")
+            .env_remove("STEWARD_SCHEMA")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let out = run(&["migrate"]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stderr}");
+        assert!(stdout.contains("schema from_file"), "{stdout}");
+        assert!(
+            !stderr.contains("NOTICE") && !stderr.contains("applying migration"),
+            "{stderr}"
+        );
+    }
+    let out = run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["schema"], "from_file");
+}

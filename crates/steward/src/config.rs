@@ -19,6 +19,18 @@ pub struct Config {
     pub branches: BranchesConfig,
 }
 
+impl Config {
+    /// A short digest of what the leader does with this configuration (its leader and branch
+    /// settings, not where the database is): candidates whose digests differ would run the
+    /// queue differently after a failover.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let rendered = format!("{:?}", (&self.leader, &self.branches));
+        let hash = sha2::Sha256::digest(rendered.as_bytes());
+        hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {0} does not exist")]

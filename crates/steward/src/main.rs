@@ -22,16 +22,47 @@ struct Cli {
     command: Command,
 }
 
-/// Where the queue lives.
+/// Where the queue lives: flags and environment variables, then the configuration file's
+/// `database_url` and `schema`, for every command.
 #[derive(clap::Args, Debug, Clone)]
-struct DbArgs {
-    /// PostgreSQL URL, e.g. postgres://steward@db:5432/app
+pub struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://steward@db:5432/app (overrides `database_url` in the
+    /// configuration file).
     // hide_env_values: the URL may hold a password, which --help must not print.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
-    /// Postgres schema holding Steward's tables.
-    #[arg(long, env = "STEWARD_SCHEMA", hide_env_values = true, default_value = SchemaName::DEFAULT)]
-    schema: SchemaName,
+    database_url: Option<String>,
+    /// Schema holding Steward's tables (overrides `schema` in the configuration file; default
+    /// steward).
+    #[arg(long, env = "STEWARD_SCHEMA", hide_env_values = true)]
+    schema: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "STEWARD_CONFIG", hide_env_values = true)]
+    config: Option<std::path::PathBuf>,
+}
+
+impl DbArgs {
+    /// The configuration file (if any) with `overrides` applied, checked.
+    pub fn load_config(&self, overrides: &[String]) -> Result<config::Config, config::ConfigError> {
+        config::load(self.config.as_deref(), overrides)
+    }
+
+    /// The queue's target: flags and environment first, then `config`.
+    pub fn target(&self, config: &config::Config) -> anyhow::Result<Target> {
+        let database_url = self
+            .database_url
+            .clone()
+            .or(config.database_url.clone())
+            .context(
+                "no database: set DATABASE_URL, --database-url or database_url in the config file",
+            )?;
+        let schema: SchemaName = self
+            .schema
+            .clone()
+            .or(config.schema.clone())
+            .unwrap_or_else(|| SchemaName::DEFAULT.to_owned())
+            .parse()?;
+        Ok(Target::new(&database_url, schema)?)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,22 +157,28 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(_) => {}
         // The demo prints its own report; library logs would interleave with it.
         Command::Demo(_) => init_logging(LogFormat::Human, "warn"),
-        _ => init_logging(LogFormat::Human, "info"),
+        // The commands print what they did; the driver's and the migration library's chatter
+        // (server NOTICEs, "applying migration") stays out unless RUST_LOG asks for it.
+        _ => init_logging(
+            LogFormat::Human,
+            "info,tokio_postgres=warn,refinery_core=warn,refinery=warn",
+        ),
     }
     match cli.command {
         Command::Run(args) => run::run(args).await?,
         Command::Migrate { db } => {
-            let mut client = connect(&db, "steward-migrate").await?;
-            let report = steward_schema::migrate(&mut client, &db.schema).await?;
+            let target = db.target(&db.load_config(&[])?)?;
+            let mut client = connect(&target, "steward-migrate").await?;
+            let schema = target.schema();
+            let report = steward_schema::migrate(&mut client, schema).await?;
             if report.applied.is_empty() {
                 println!(
-                    "schema {} is up to date at version {}",
-                    db.schema, report.version
+                    "schema {schema} is up to date at version {}",
+                    report.version
                 );
             } else {
                 println!(
-                    "schema {} migrated to version {}: applied {}",
-                    db.schema,
+                    "schema {schema} migrated to version {}: applied {}",
                     report.version,
                     report.applied.join(", ")
                 );
@@ -150,21 +187,23 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Role {
             command: RoleCommand::Create { db, role },
         } => {
-            let client = connect(&db, "steward-role").await?;
-            steward_schema::check_schema(&client, &db.schema).await?;
-            steward_schema::create_maintenance_role(&client, &db.schema, &role).await?;
+            let target = db.target(&db.load_config(&[])?)?;
+            let client = connect(&target, "steward-role").await?;
+            let schema = target.schema();
+            steward_schema::check_schema(&client, schema).await?;
+            steward_schema::create_maintenance_role(&client, schema, &role).await?;
             println!(
-                "role {role} holds the maintenance privileges on schema {}; give it a login with \
-                 `ALTER ROLE {role} LOGIN PASSWORD '...'` or `GRANT {role} TO <login role>`",
-                db.schema
+                "role {role} holds the maintenance privileges on schema {schema}; give it a login \
+                 with `ALTER ROLE {role} LOGIN PASSWORD '...'` or `GRANT {role} TO <login role>`"
             );
         }
         Command::Demo(args) => demo::run(args).await?,
         Command::Status { db, json, watch } => {
             let read = || async {
-                let client = connect(&db, "steward:status").await?;
-                steward_schema::check_schema(&client, &db.schema).await?;
-                Ok(steward_leader::status::read(&client, &db.schema).await?)
+                let target = db.target(&db.load_config(&[])?)?;
+                let client = connect(&target, "steward:status").await?;
+                steward_schema::check_schema(&client, target.schema()).await?;
+                Ok(steward_leader::status::read(&client, target.schema()).await?)
             };
             return Ok(status::command(read, json, watch).await);
         }
@@ -172,8 +211,10 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn connect(db: &DbArgs, application_name: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let target = Target::new(&db.database_url, db.schema.clone())?;
+async fn connect(
+    target: &Target,
+    application_name: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
     target
         .named(application_name)
         .connect()

@@ -1,27 +1,16 @@
 //! `steward run`: the maintenance process.
 
-use crate::config;
-use crate::LogFormat;
+use crate::{DbArgs, LogFormat};
 use anyhow::Context;
-use std::path::PathBuf;
 use std::sync::Arc;
-use steward_connection::{SchemaName, Target};
 use steward_leader::{Candidate, LoopMode};
 use steward_telemetry::{HttpState, MetricsObserver, Telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// PostgreSQL URL (overrides `database_url` in the config file).
-    // hide_env_values: the URL may hold a password, which --help must not print.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-    /// Schema holding Steward's tables (overrides `schema` in the config file; default steward).
-    #[arg(long, env = "STEWARD_SCHEMA", hide_env_values = true)]
-    schema: Option<String>,
-    /// TOML configuration file.
-    #[arg(long, env = "STEWARD_CONFIG", hide_env_values = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    db: DbArgs,
     /// split: SLO and hygiene branches (and the promoter) on loops and connections of their own;
     /// monolithic: every branch on one loop.
     #[arg(long, env = "STEWARD_LOOP_MODE", hide_env_values = true)]
@@ -63,24 +52,17 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
         "invalid value {:?} for --loop-stall-limit (STEWARD_LOOP_STALL_LIMIT): must be at least 5s",
         humantime::format_duration(args.loop_stall_limit).to_string()
     );
-    let mut config = config::load(args.config.as_deref(), &args.overrides)?;
+    let mut config = args.db.load_config(&args.overrides)?;
     if let Some(mode) = args.loop_mode {
         config.leader.loop_mode = mode;
     }
-    let database_url = args.database_url.or(config.database_url.clone()).context(
-        "no database: set DATABASE_URL, --database-url or database_url in the config file",
-    )?;
-    let schema: SchemaName = args
-        .schema
-        .or(config.schema.clone())
-        .unwrap_or_else(|| SchemaName::DEFAULT.to_owned())
-        .parse()?;
-    let target = Target::new(&database_url, schema)?;
+    let target = args.db.target(&config)?;
     let candidate = Candidate::new(
         target.clone(),
         config.leader.clone(),
         config.branches.build(),
-    )?;
+    )?
+    .with_config_digest(config.digest());
     let metrics = Arc::new(MetricsObserver::new(candidate.instance()));
     metrics.register_initial(candidate.plan());
     let candidate = candidate.with_observer(metrics);
