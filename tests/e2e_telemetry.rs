@@ -646,3 +646,27 @@ fn migrate_and_status_read_the_config_file_and_migrate_is_quiet() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["schema"], "from_file");
 }
+
+/// A database that does not exist is an error retrying cannot fix: `steward run` says what is
+/// wrong, once per retry, and stops after `leader.give_up_after` instead of retrying for ever.
+#[test]
+fn run_gives_up_on_a_database_that_does_not_exist() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let missing = db.url().replace(db.name(), "steward_no_such_database");
+    let started = Instant::now();
+    let (code, _, stderr) = steward(
+        &missing,
+        &[
+            "run",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--set",
+            "leader.give_up_after=1s",
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(stderr.contains("the database does not exist"), "{stderr}");
+    assert!(!stderr.contains("cannot reach the database"), "{stderr}");
+}

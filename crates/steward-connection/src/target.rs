@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{CancelToken, Client, Config, Connection, NoTls};
 
 // The driver error is shown in full in the message (see `describe_pg_error`) and so is not
@@ -33,6 +34,29 @@ pub enum ConnectError {
     Pool { target: String, reason: String },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+}
+
+impl ConnectError {
+    /// What is wrong when retrying cannot help: the server refused the session for a reason
+    /// only an operator can fix (a database or role that does not exist, a wrong password, no
+    /// right to connect). `None` for errors that can pass (the server unreachable, restarting).
+    pub fn permanent(&self) -> Option<&'static str> {
+        let ConnectError::Connect { cause, .. } = self else {
+            return None;
+        };
+        let code = cause.code()?;
+        Some(if *code == SqlState::INVALID_CATALOG_NAME {
+            "the database does not exist"
+        } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            "the role does not exist or may not log in"
+        } else if *code == SqlState::INVALID_PASSWORD {
+            "password authentication failed"
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            "the role may not connect to this database"
+        } else {
+            return None;
+        })
+    }
 }
 
 /// How both ends of a long-lived session notice that the other is gone: TCP keepalives on

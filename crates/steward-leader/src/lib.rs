@@ -40,6 +40,13 @@ pub enum LeaderError {
     Schema(#[from] steward_schema::SchemaError),
     #[error(transparent)]
     Connect(#[from] steward_connection::ConnectError),
+    #[error("{what} ({target}), for {for_:?}; giving up: {error}")]
+    Refused {
+        what: &'static str,
+        target: String,
+        for_: std::time::Duration,
+        error: steward_connection::ConnectError,
+    },
 }
 
 /// A participant in the election for one schema.
@@ -114,6 +121,8 @@ impl Candidate {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LeaderError> {
         let lock_name = lock_name(self.target.schema());
         let mut backoff = self.settings.reconnect_min;
+        // Since when the server has refused us for a reason retrying cannot fix.
+        let mut refused_since: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -122,7 +131,25 @@ impl Candidate {
             {
                 Ok(session) => session,
                 Err(error) => {
-                    tracing::warn!(%error, target = %self.target, retry_in = ?backoff, "cannot reach the database");
+                    match error.permanent() {
+                        Some(what) => {
+                            let since = *refused_since.get_or_insert_with(std::time::Instant::now);
+                            let for_ = since.elapsed();
+                            if for_ >= self.settings.give_up_after {
+                                return Err(LeaderError::Refused {
+                                    what,
+                                    target: self.target.to_string(),
+                                    for_,
+                                    error,
+                                });
+                            }
+                            tracing::error!(%error, target = %self.target, problem = what, retry_in = ?backoff, give_up_in = ?(self.settings.give_up_after - for_), "the database refuses this candidate");
+                        }
+                        None => {
+                            refused_since = None;
+                            tracing::warn!(%error, target = %self.target, retry_in = ?backoff, "cannot reach the database");
+                        }
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -131,6 +158,7 @@ impl Candidate {
                     continue;
                 }
             };
+            refused_since = None;
             match steward_schema::check_schema(session.client(), self.target.schema()).await {
                 Ok(_) => backoff = self.settings.reconnect_min,
                 // A database error here (a restart, a dropped connection) is retried like any

@@ -68,6 +68,11 @@ pub struct LeaderSettings {
     /// On shutdown, how long a running statement may finish before it is cancelled.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A candidate that the server keeps refusing for a reason retrying cannot fix (the
+    /// database or role does not exist, the password is wrong) stops with an error after this
+    /// long; an unreachable server is retried for ever.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
@@ -101,6 +106,7 @@ impl Default for LeaderSettings {
             progress_interval: Duration::from_secs(1),
             backlog_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
+            give_up_after: Duration::from_secs(60),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             keepalive_idle: Duration::from_secs(5),

@@ -18,7 +18,7 @@ pub enum SchemaError {
         found: i32,
         expected: i32,
     },
-    #[error("schema {schema:?} is at version {found}, newer than this steward knows ({expected}): upgrade steward")]
+    #[error("schema {schema:?} is at version {found}, newer than this steward, which knows up to version {expected}: this steward is older than the schema and must be upgraded")]
     Ahead {
         schema: String,
         found: i32,
@@ -89,6 +89,19 @@ async fn migrate_locked(
     client
         .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
         .await?;
+    // A schema migrated by a newer steward: this one must not touch it, and must say so plainly
+    // (refinery would only report a migration missing from its files).
+    let expected = latest_version();
+    if let Some(found) = current_version(client, schema)
+        .await?
+        .filter(|found| *found > expected)
+    {
+        return Err(SchemaError::Ahead {
+            schema: schema.to_string(),
+            found,
+            expected,
+        });
+    }
     let report = embedded::migrations::runner()
         .set_migration_table_name(HISTORY_TABLE)
         .run_async(client)

@@ -179,3 +179,26 @@ async fn maintenance_role_reaches_the_queue_and_nothing_else() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn migrating_a_schema_newer_than_this_steward_says_to_upgrade() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO schema_history (version, name, applied_on, checksum)
+             VALUES (99, 'from_the_future', now()::text, '0')",
+        )
+        .await
+        .unwrap();
+    let err = migrate(&mut client, db.schema()).await.unwrap_err();
+    assert!(
+        matches!(err, SchemaError::Ahead { found: 99, .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("older than the schema") && message.contains("upgraded"),
+        "{message}"
+    );
+}
