@@ -680,3 +680,24 @@ fn run_gives_up_on_a_database_that_does_not_exist() {
     assert!(stderr.contains("the database does not exist"), "{stderr}");
     assert!(!stderr.contains("cannot reach the database"), "{stderr}");
 }
+
+/// A broken configuration file is reported once, without the password its line holds.
+#[test]
+fn a_broken_config_file_is_reported_once_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "database_url = \"postgres://u:Sup3rS3cretPw!@127.0.0.1:5432/postgres\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (code, stdout, stderr) = steward(
+        "postgres://u@127.0.0.1:1/db",
+        &["run", "--metrics-addr", "127.0.0.1:0", "--config", &config],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    let output = format!("{stdout}{stderr}");
+    assert!(!output.contains("Sup3rS3cretPw"), "{output}");
+    assert_eq!(output.matches("TOML parse error").count(), 1, "{output}");
+}

@@ -252,7 +252,15 @@ impl Config {
         }
         let mut names = HashSet::new();
         for (i, schedule) in self.schedules.iter().enumerate() {
-            let key = |field: &str| format!("schedules[{i}].{field}");
+            // A schedule is named by its name, as the file says it; by its place only when it
+            // has none.
+            let key = |field: &str| {
+                if schedule.name.trim().is_empty() {
+                    format!("schedules[{}].{field}", i + 1)
+                } else {
+                    format!("schedules[name = {:?}].{field}", schedule.name)
+                }
+            };
             if schedule.name.trim().is_empty() {
                 problems.push(InvalidConfig::new(
                     key("name"),
@@ -308,6 +316,17 @@ pub fn parse_schedule(expression: &str, timezone: &str) -> Result<(Cron, Tz), Ba
         value: timezone.to_owned(),
         reason: "not a known IANA time zone".to_owned(),
     })?;
+    // An expression no date matches (30 February) parses, and would never fire.
+    if cron
+        .find_next_occurrence(&Utc::now().with_timezone(&tz), false)
+        .is_err()
+    {
+        return Err(BadSchedule {
+            field: "expression",
+            value: expression.to_owned(),
+            reason: "no date matches it: the schedule would never fire".to_owned(),
+        });
+    }
     Ok((cron, tz))
 }
 

@@ -83,7 +83,9 @@ branch_settings! {
 
 impl Config {
     fn own_problems(&self) -> Vec<InvalidConfig> {
-        if self.min_wake_gap > self.interval {
+        // Checked against a valid interval only: an invalid one is reported as such, not as a
+        // problem of a setting the user did not touch.
+        if !self.interval.is_zero() && self.min_wake_gap > self.interval {
             return vec![InvalidConfig::new(
                 "min_wake_gap",
                 self.min_wake_gap,

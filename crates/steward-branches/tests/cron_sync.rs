@@ -673,6 +673,8 @@ fn validate_names_each_bad_key() {
                 ..ScheduleConfig::new("attempts", "0 0 * * * *", "k")
             },
             ScheduleConfig::new("", "* * * * *", ""),
+            // 30 February: it parses, and would never fire.
+            ScheduleConfig::new("feb30", "0 0 0 30 2 *", "k"),
         ],
         ..Config::default()
     };
@@ -681,13 +683,14 @@ fn validate_names_each_bad_key() {
         "lookahead",
         "fire_retention",
         "max_fires_per_pass",
-        "schedules[1].timezone",
-        "schedules[2].expression",
-        "schedules[3].name",
-        "schedules[4].priority",
-        "schedules[5].max_attempts",
-        "schedules[6].name",
-        "schedules[6].kind",
+        "schedules[name = \"tz\"].timezone",
+        "schedules[name = \"expr\"].expression",
+        "schedules[name = \"ok\"].name",
+        "schedules[name = \"prio\"].priority",
+        "schedules[name = \"attempts\"].max_attempts",
+        "schedules[7].name",
+        "schedules[7].kind",
+        "schedules[name = \"feb30\"].expression",
     ]
     .into_iter()
     .map(String::from)
@@ -708,8 +711,8 @@ fn validate_names_each_bad_key() {
     assert_eq!(
         keys,
         [
-            "branches.cron_sync.schedules[1].name",
-            "branches.cron_sync.schedules[2].expression"
+            "branches.cron_sync.schedules[name = \"ok\"].name",
+            "branches.cron_sync.schedules[name = \"x\"].expression"
         ]
     );
 }

@@ -10,7 +10,7 @@ mod schema_name;
 mod target;
 mod tls;
 
-pub use redact::{describe_pg_error, redact_url};
+pub use redact::{describe_pg_error, redact_text, redact_url};
 pub use schema_name::{InvalidSchemaName, SchemaName};
 pub use target::{
     ConnectError, Ended, Liveness, Notification, Notifications, Reconnecting, Target,

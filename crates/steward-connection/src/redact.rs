@@ -11,6 +11,23 @@ pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// `text` (an error message, a configuration line, a value someone typed) with every password
+/// replaced that a connection URL or key=value string in it carries: in a URL's userinfo, in a
+/// `password=` parameter or key, quoted or not. For echoing anything a user configured.
+pub fn redact_text(text: &str) -> String {
+    static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        // The password runs to the last `@` of the token, as a URL parser would take it.
+        regex::Regex::new(r#"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'"]*):[^\s'"]*@"#)
+            .expect("a valid pattern")
+    });
+    static KEY: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|"[^"]*"?|[^\s&'"]+)"#)
+            .expect("a valid pattern")
+    });
+    let text = USERINFO.replace_all(text, "${1}:***@");
+    KEY.replace_all(&text, "${1}***").into_owned()
+}
+
 /// The URL with any password replaced, for logs and errors: the userinfo password and a
 /// `password` query parameter of a URL, or a `password` key (quoted or not) of a key=value
 /// connection string.
@@ -125,6 +142,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn redacts_passwords_in_free_text() {
+        let line = r#"1 | database_url = "postgres://u:Sup3rS3cretPw!@127.0.0.1:5432/postgres"#;
+        let redacted = redact_text(line);
+        assert!(!redacted.contains("Sup3rS3cretPw"), "{redacted}");
+        assert!(
+            redacted.contains("postgres://u:***@127.0.0.1:5432/postgres"),
+            "{redacted}"
+        );
+        let text =
+            "--set database_url=host=h password='a b' user=u and postgres://x:p@ss@h/db?password=q";
+        let redacted = redact_text(text);
+        for secret in ["a b", "p@ss", "=q"] {
+            assert!(!redacted.contains(secret), "{redacted}");
+        }
+        assert_eq!(redact_text("nothing secret here"), "nothing secret here");
+    }
+
     proptest::proptest! {
         /// Whatever the password and however the string is written, it never shows.
         #[test]
@@ -140,6 +175,9 @@ mod tests {
                 format!("postgres://u@h/db?password={}", password.replace(' ', "%20")),
             ];
             for form in forms {
+                // Alone, and inside a line of text.
+                let in_text = redact_text(&format!("line 1 | url = \"{form}\" <- here"));
+                proptest::prop_assert!(!in_text.contains(password.trim()), "{form} -> {in_text}");
                 let redacted = redact_url(&form);
                 let needle = password.trim().replace(' ', "%20");
                 proptest::prop_assert!(

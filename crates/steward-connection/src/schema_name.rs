@@ -7,7 +7,8 @@ pub struct SchemaName(String);
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "invalid schema name {0:?}: use 1-63 characters of a-z, 0-9 and _, not starting with a digit"
+    "invalid schema name {:?}: use 1-63 characters of a-z, 0-9 and _, not starting with a digit",
+    crate::redact_text(.0)
 )]
 pub struct InvalidSchemaName(pub String);
 

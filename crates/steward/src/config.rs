@@ -3,11 +3,14 @@
 //! then `--set section.key=value` flags. Unknown keys and unusable values are errors that name
 //! the key.
 
+use figment::error::Kind;
 use figment::providers::{Env, Format, Toml};
-use figment::Figment;
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 use std::path::Path;
 use steward_branches::{BranchesConfig, InvalidConfig};
+use steward_connection::redact_text;
 use steward_leader::LeaderSettings;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -31,16 +34,77 @@ impl Config {
     }
 }
 
+// Every message echoes what the user wrote through `redact_text`: a configuration line or a
+// value may hold a database password.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     MissingFile(String),
-    #[error("--set {0:?}: expected KEY=VALUE, e.g. branches.cleanup.batch_size=500")]
+    #[error("--set {:?}: expected KEY=VALUE, e.g. branches.cleanup.batch_size=500", redact_text(.0))]
     BadOverride(String),
-    #[error("invalid configuration: {0}")]
-    Parse(String),
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Parse(Vec<String>),
     #[error("invalid configuration:\n  {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
     Invalid(Vec<InvalidConfig>),
+}
+
+/// One `--set KEY=VALUE`, named as the user wrote it in errors.
+struct SetFlag {
+    key: String,
+    value: figment::value::Value,
+}
+
+impl Provider for SetFlag {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("--set {}", self.key))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        (self.key.as_str(), self.value.clone()).data()
+    }
+}
+
+/// A Rust type name as an operator says it.
+fn plain(expected: &str) -> &str {
+    match expected {
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "bool" | "a boolean" => "true or false",
+        other => other,
+    }
+}
+
+/// One configuration error as an operator reads it: the key as written, what is wrong, what
+/// is allowed, and where the value came from; no library type names, no profile prefixes.
+fn describe(e: &figment::Error) -> String {
+    let key = e.path.join(".");
+    let what = match &e.kind {
+        Kind::UnknownField(_, expected) => {
+            format!("unknown key {key}: expected one of {}", expected.join(", "))
+        }
+        Kind::InvalidType(actual, expected) => {
+            format!("{key}: {actual} is not {}", plain(expected))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!("{key}: invalid value {actual}, expected {expected}")
+        }
+        Kind::MissingField(field) => format!("{key}: {field} is missing"),
+        Kind::Message(message) if key.is_empty() => message.clone(),
+        other => format!("{key}: {other}"),
+    };
+    let from = match e.metadata.as_ref() {
+        Some(Metadata {
+            source: Some(figment::Source::File(path)),
+            ..
+        }) => format!(" (in {})", path.display()),
+        Some(metadata) if metadata.name.starts_with("--set") => format!(" ({})", metadata.name),
+        Some(metadata) if metadata.name.contains("environment") => {
+            let variable = format!("STEWARD_{}", e.path.join("__").to_uppercase());
+            format!(" (environment variable {variable})")
+        }
+        _ => String::new(),
+    };
+    redact_text(&format!("{what}{from}"))
 }
 
 pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
@@ -66,16 +130,14 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigE
         let value: figment::value::Value = value
             .parse()
             .map_err(|_| ConfigError::BadOverride(item.clone()))?;
-        figment = figment.merge((key.trim(), value));
+        figment = figment.merge(SetFlag {
+            key: key.trim().to_owned(),
+            value,
+        });
     }
-    let config: Config = figment.extract().map_err(|e| {
-        ConfigError::Parse(
-            e.into_iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
+    let config: Config = figment
+        .extract()
+        .map_err(|e| ConfigError::Parse(e.into_iter().map(|e| describe(&e)).collect()))?;
     let mut problems = config.leader.validate();
     problems.extend(config.branches.validate());
     if problems.is_empty() {
@@ -126,6 +188,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("wedge_timout"), "{err}");
+    }
+
+    /// No library internals in a message: no type names, no figment profiles.
+    fn assert_plain(message: &str) {
+        for internal in ["figment", "global.", "default.", "(&str", "i64", "u32"] {
+            assert!(!message.contains(internal), "{internal:?} in {message}");
+        }
+    }
+
+    #[test]
+    fn errors_name_keys_as_written_and_where_they_came_from() {
+        let err = load(None, &["leader.wedge_timout=5s".into()])
+            .unwrap_err()
+            .to_string();
+        assert_plain(&err);
+        assert!(
+            err.contains("unknown key leader.wedge_timout") && err.contains("wedge_timeout"),
+            "{err}"
+        );
+        assert!(err.contains("(--set leader.wedge_timout)"), "{err}");
+        let err = load(None, &["branches.cleanup.batch_size=abc".into()])
+            .unwrap_err()
+            .to_string();
+        assert_plain(&err);
+        assert!(
+            err.contains("branches.cleanup.batch_size") && err.contains("a whole number"),
+            "{err}"
+        );
+        let f = file("[leader]\nprobe_interval = \"soon\"\n");
+        let err = load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert_plain(&err);
+        assert!(
+            err.contains("leader.probe_interval") && err.contains(&f.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_interval_is_reported_without_the_settings_derived_from_it() {
+        let Err(ConfigError::Invalid(problems)) =
+            load(None, &["branches.promote_scheduled.interval=0s".into()])
+        else {
+            panic!("a zero interval is refused");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["branches.promote_scheduled.interval"]);
+    }
+
+    #[test]
+    fn a_password_in_a_broken_file_or_flag_is_never_echoed() {
+        let f = file("database_url = \"postgres://u:Sup3rS3cretPw!@127.0.0.1:5432/postgres\n");
+        let err = load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(!err.contains("Sup3rS3cretPw"), "{err}");
+        assert!(err.contains("postgres://u:***@"), "{err}");
+        let err = load(None, &["postgres://u:Sup3rS3cretPw!@h/db".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("Sup3rS3cretPw"), "{err}");
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 async fn main() -> std::process::ExitCode {
     match run_command(Cli::parse()).await {
         Ok(code) => code,
+        Err(error) if error.is::<run::Logged>() => std::process::ExitCode::FAILURE,
         Err(error) => {
             // The message and its causes, never a backtrace: these are an operator's errors
             // (a bad value, an unreachable database), not the program's.

@@ -34,6 +34,12 @@ pub struct RunArgs {
     loop_stall_limit: std::time::Duration,
 }
 
+/// An error `run` has logged already (its logs may be JSON for a collector): `main` does not
+/// print it a second time.
+#[derive(Debug, thiserror::Error)]
+#[error("steward run stopped with an error (logged above)")]
+pub struct Logged;
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let telemetry = Telemetry::init(args.log_format.into())?;
     let result = run_with_telemetry(args, &telemetry).await;
@@ -41,7 +47,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::error!("{error:#}");
     }
     telemetry.shutdown();
-    result
+    result.map_err(|_| Logged.into())
 }
 
 async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Result<()> {
