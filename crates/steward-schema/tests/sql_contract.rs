@@ -22,7 +22,15 @@ async fn every_statement_of_the_sql_contract_runs_from_psql() {
     let psql = steward_devdb::pg_binary("psql").expect("psql is installed with PostgreSQL");
     // As a script on stdin: `-c` takes no backslash commands (the page's `\gset`).
     let mut child = std::process::Command::new(psql)
-        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1", "-qtAX", "-f", "-", "-d"])
+        .args([
+            "--no-psqlrc",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qtAX",
+            "-f",
+            "-",
+            "-d",
+        ])
         .arg(db.url())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -38,7 +46,10 @@ async fn every_statement_of_the_sql_contract_runs_from_psql() {
     );
     let client = db.client().await;
     let states: Vec<(String, String, serde_json::Value)> = client
-        .query("SELECT kind, state::text, errors FROM jobs ORDER BY id", &[])
+        .query(
+            "SELECT kind, state::text, errors FROM jobs ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

@@ -6,7 +6,7 @@ mod run;
 mod status;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use steward_connection::{SchemaName, Target};
 
 // Every environment variable's value is hidden in --help: clap shows an unset one as
@@ -67,6 +67,25 @@ impl DbArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Probe a running steward's HTTP endpoint (a container's health check): exit 0 when it
+    /// answers 200, 1 otherwise.
+    Health {
+        /// The address steward run serves on (its --metrics-addr); 0.0.0.0 means this host.
+        #[arg(
+            long,
+            env = "STEWARD_METRICS_ADDR",
+            hide_env_values = true,
+            default_value = "127.0.0.1:9464"
+        )]
+        addr: std::net::SocketAddr,
+        /// /healthz (the process and its loops are alive) or /readyz (the database answers).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout: `steward man > steward.1`.
+    Man,
     /// Create the schema and apply pending migrations (idempotent, safe to run concurrently).
     Migrate {
         #[command(flatten)]
@@ -166,6 +185,17 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         ),
     }
     match cli.command {
+        Command::Health { addr, path } => return Ok(health(addr, &path).await),
+        Command::Completions { shell } => {
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "steward", &mut text);
+            write_stdout(&text)?;
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut text)?;
+            write_stdout(&text)?;
+        }
         Command::Run(args) => run::run(args).await?,
         Command::Migrate { db } => {
             let target = db.target(&db.load_config(&[])?)?;
@@ -210,6 +240,52 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// GET `path` from a running steward (plain HTTP, loopback for an unspecified address).
+async fn health(addr: std::net::SocketAddr, path: &str) -> std::process::ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let failed = |why: String| {
+        eprintln!("{addr}{path}: {why}");
+        std::process::ExitCode::FAILURE
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Ok(Ok(response)) => {
+            let status = response.lines().next().unwrap_or_default();
+            if status.split_whitespace().nth(1) == Some("200") {
+                std::process::ExitCode::SUCCESS
+            } else {
+                let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+                failed(format!("{status} {body}"))
+            }
+        }
+        Ok(Err(error)) => failed(error.to_string()),
+        Err(_) => failed("no answer within 3s".into()),
+    }
 }
 
 async fn connect(
