@@ -229,7 +229,7 @@ impl ClaimedJob {
 }
 
 /// A job row as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Job {
     pub id: i64,
     pub queue: String,

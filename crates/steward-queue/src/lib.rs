@@ -5,6 +5,7 @@
 //! [`Lease`]: once a run has been rescued, cancelled or claimed again, the old worker gets
 //! [`QueueError::LeaseLost`] and changes nothing.
 
+pub mod admin;
 mod job;
 pub mod sql;
 
