@@ -2,6 +2,7 @@
 
 mod config;
 mod demo;
+mod jobs;
 mod run;
 mod status;
 
@@ -96,6 +97,13 @@ enum Command {
         #[command(subcommand)]
         command: RoleCommand,
     },
+    /// List, show, retry and cancel jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
+    /// Each queue's jobs by state and its oldest available job.
+    Queues(jobs::QueuesArgs),
     /// Stand for election and, when elected, run the maintenance branches until SIGTERM/SIGINT.
     Run(run::RunArgs),
     /// Who leads, and per branch: last run, duration, start delay, overrun state, last error.
@@ -196,6 +204,8 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut text)?;
             write_stdout(&text)?;
         }
+        Command::Jobs { command } => return jobs::command(command).await,
+        Command::Queues(args) => return jobs::queues(args).await,
         Command::Run(args) => run::run(args).await?,
         Command::Migrate { db } => {
             let target = db.target(&db.load_config(&[])?)?;
