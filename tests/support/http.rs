@@ -18,13 +18,15 @@ impl Steward {
     }
 
     /// GET `path` from the HTTP endpoint: (status code, body).
+    #[allow(dead_code)] // not used by e2e_prometheus
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(&self.http_addr(), path)
     }
 }
 
 /// A minimal HTTP/1.0 GET, enough for the endpoints under test.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+#[allow(dead_code)] // used directly only by e2e_prometheus
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connecting to the HTTP endpoint");
     stream
