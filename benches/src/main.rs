@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p steward-bench -- [--quick] [--json] [--duration 10m] \
-//!     [--scenarios isolation,promotion,throughput,failover,footprint] [--out benches/out]
+//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue] [--out benches/out]
 //! ```
 
 mod db;
@@ -20,7 +20,7 @@ mod workload;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use report::{Machine, ScenarioEntry, Target};
-use scenarios::{failover, footprint, isolation, promotion, throughput};
+use scenarios::{failover, footprint, isolation, promotion, rescue, throughput};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -35,6 +35,7 @@ enum Scenario {
     Throughput,
     Failover,
     Footprint,
+    Rescue,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -65,7 +66,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "isolation,promotion,throughput,failover,footprint"
+        default_value = "isolation,promotion,throughput,failover,footprint,rescue"
     )]
     scenarios: Vec<Scenario>,
     /// Where report.json, report.txt and distributions.svg go.
@@ -115,6 +116,9 @@ struct Args {
     /// Footprint: the measurement window. Default 60s, quick 5s.
     #[arg(long, value_parser = parse_duration)]
     footprint_window: Option<Duration>,
+    /// Rescue: how long dead runs keep being created. Default 60s, quick 8s.
+    #[arg(long, value_parser = parse_duration)]
+    rescue_window: Option<Duration>,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -153,6 +157,7 @@ struct Scenarios {
     throughput: ScenarioEntry<throughput::ThroughputResult>,
     failover: ScenarioEntry<failover::FailoverResult>,
     footprint: ScenarioEntry<footprint::FootprintResult>,
+    rescue: ScenarioEntry<rescue::RescueResult>,
 }
 
 #[derive(Serialize)]
@@ -213,7 +218,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let selected = |s: Scenario| args.scenarios.contains(&s);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let steward_bin = if selected(Scenario::Failover) || selected(Scenario::Footprint) {
+    let steward_bin = if selected(Scenario::Failover)
+        || selected(Scenario::Footprint)
+        || selected(Scenario::Rescue)
+    {
         Some(procs::steward_binary(args.steward_bin.clone()))
     } else {
         None
@@ -327,6 +335,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         footprint_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
     }
 
+    let mut rescue_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Rescue) {
+        let t = Instant::now();
+        let settings = rescue::Settings {
+            window: args.rescue_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(8),
+                Duration::from_secs(60),
+            )),
+            every: Duration::from_millis(250),
+            staleness: Duration::from_secs(6),
+            idle: pick(quick, Duration::from_secs(11), Duration::from_secs(31)),
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => rescue::run(&pg, bin, &settings).await,
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        rescue_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
     // The plot.
     let mut plots = Vec::new();
     let mut panels = Vec::new();
@@ -393,12 +422,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     flatten("throughput", &throughput_entry.targets);
     flatten("failover", &failover_entry.targets);
     flatten("footprint", &footprint_entry.targets);
+    flatten("rescue", &rescue_entry.targets);
 
     let failed = isolation_entry.is_error()
         || promotion_entry.is_error()
         || throughput_entry.is_error()
         || failover_entry.is_error()
-        || footprint_entry.is_error();
+        || footprint_entry.is_error()
+        || rescue_entry.is_error();
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         harness: "steward-bench".into(),
@@ -421,6 +452,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             throughput: throughput_entry,
             failover: failover_entry,
             footprint: footprint_entry,
+            rescue: rescue_entry,
         },
         targets,
         plots,
@@ -499,6 +531,7 @@ fn render(r: &Report) -> String {
     section(&mut out, "throughput", &s.throughput, throughput::render);
     section(&mut out, "failover", &s.failover, failover::render);
     section(&mut out, "footprint", &s.footprint, footprint::render);
+    section(&mut out, "rescue", &s.rescue, rescue::render);
     if !r.targets.is_empty() {
         let passed = r.targets.iter().filter(|t| t.target.pass).count();
         let _ = writeln!(
@@ -524,7 +557,7 @@ mod tests {
         let args = Args::parse_from([
             "steward-bench",
             "--scenarios",
-            "isolation,promotion,throughput,failover,footprint",
+            "isolation,promotion,throughput,failover,footprint,rescue",
         ]);
         assert_eq!(
             args.scenarios,
@@ -534,6 +567,7 @@ mod tests {
                 Scenario::Throughput,
                 Scenario::Failover,
                 Scenario::Footprint,
+                Scenario::Rescue,
             ]
         );
         let args = Args::parse_from(["steward-bench", "--duration", "3m", "--quick"]);

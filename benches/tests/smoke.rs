@@ -1,9 +1,9 @@
 //! CI smoke test: `steward-bench --quick --json` against a real PostgreSQL. It checks the
 //! report's shape (every scenario ran and has every key, the SVG exists), never its timings.
 //!
-//! The failover and footprint scenarios need the `steward` binary. This test builds it with
-//! `cargo build -p steward` (a no-op when `cargo test --workspace` has already built it) into
-//! the target directory this test runs from, and passes it with `--steward-bin`.
+//! The failover, footprint and rescue scenarios need the `steward` binary. This test builds it
+//! with `cargo build -p steward` (a no-op when `cargo test --workspace` has already built it)
+//! into the target directory this test runs from, and passes it with `--steward-bin`.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -116,6 +116,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "throughput",
         "failover",
         "footprint",
+        "rescue",
     ] {
         let entry = &scenarios[name];
         keys(
@@ -328,6 +329,40 @@ fn quick_run_reports_every_scenario_with_every_key() {
             "db_backend_cpu_percent",
         ],
     );
+
+    let rescue = &scenarios["rescue"]["result"];
+    keys(
+        rescue,
+        "rescue",
+        &[
+            "steward_bin",
+            "window_s",
+            "every_ms",
+            "staleness_s",
+            "interval_s",
+            "idle_s",
+            "reasons",
+        ],
+    );
+    let reasons = rescue["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 3);
+    for reason in reasons {
+        keys(
+            reason,
+            "rescue.reasons",
+            &[
+                "reason",
+                "branch",
+                "runs",
+                "early",
+                "missed",
+                "latency_ms",
+                "idle_passes",
+                "idle_budget",
+            ],
+        );
+        quantiles(&reason["latency_ms"], "rescue latency_ms");
+    }
 
     let svg = out.path().join("distributions.svg");
     let plots: Vec<&str> = report["plots"]

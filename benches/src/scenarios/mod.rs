@@ -5,4 +5,5 @@ pub mod failover;
 pub mod footprint;
 pub mod isolation;
 pub mod promotion;
+pub mod rescue;
 pub mod throughput;
