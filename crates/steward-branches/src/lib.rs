@@ -381,6 +381,15 @@ impl From<tokio_postgres::Error> for BranchError {
 }
 
 impl BranchError {
+    /// A write refused because the server is read-only (a hot standby, or a primary demoted
+    /// or fenced with `default_transaction_read_only`): no retry on this server can succeed.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            BranchError::Db(e) => e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+            _ => false,
+        }
+    }
+
     /// Errors meaning the connection itself is gone (as opposed to one failed statement).
     pub fn is_connection_lost(&self) -> bool {
         match self {

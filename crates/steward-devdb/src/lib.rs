@@ -100,6 +100,65 @@ impl Server {
             .await
     }
 
+    /// A streaming replica of this throwaway cluster (`pg_basebackup -R`), started as a hot
+    /// standby on a port and in a directory of its own, with the same settings; stopped and
+    /// deleted when the returned [`Server`] is dropped.
+    pub async fn start_replica(&self) -> Result<Server, DevDbError> {
+        let primary = self.own_cluster("replicate")?;
+        let (tuning, primary_port) = (primary.tuning, primary.port);
+        let replica = tokio::task::spawn_blocking(move || {
+            let replica = Cluster::prepare(tuning)?;
+            replica.run(
+                "pg_basebackup",
+                "pg_basebackup",
+                &[
+                    "-D".into(),
+                    replica.data_dir.clone().into(),
+                    "-h".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    primary_port.to_string().into(),
+                    "-U".into(),
+                    "postgres".into(),
+                    "-R".into(),
+                    "-X".into(),
+                    "stream".into(),
+                    "--no-sync".into(),
+                ],
+            )?;
+            replica.run("pg_ctl", "pg_ctl start", &replica.start_args("start"))?;
+            Ok::<_, DevDbError>(replica)
+        })
+        .await
+        .map_err(|e| DevDbError::Cluster {
+            step: "starting the replica",
+            detail: e.to_string(),
+        })??;
+        let server = Server {
+            url: format!("postgres://postgres@127.0.0.1:{}/postgres", replica.port),
+            cluster: Some(replica),
+        };
+        server
+            .wait_until_it_answers("waiting for the replica")
+            .await?;
+        Ok(server)
+    }
+
+    /// Promotes this throwaway cluster, a hot standby, to a primary (`pg_ctl promote`), and
+    /// waits until it accepts writes.
+    pub async fn promote(&self) -> Result<(), DevDbError> {
+        let cluster = self.own_cluster("promote")?;
+        let args = vec![
+            "promote".into(),
+            "-w".into(),
+            "-t".into(),
+            "60".into(),
+            "-D".into(),
+            cluster.data_dir.clone().into(),
+        ];
+        cluster.run_async("pg_ctl", "pg_ctl promote", &args).await
+    }
+
     fn own_cluster(&self, what: &'static str) -> Result<&Cluster, DevDbError> {
         self.cluster.as_ref().ok_or(DevDbError::NotThrowaway(what))
     }
@@ -214,11 +273,32 @@ struct Cluster {
     run_as: Option<String>,
     /// Server options (`pg_ctl -o`), reused by every start so that the port stays the same.
     server_options: String,
+    tuning: Tuning,
     log: PathBuf,
 }
 
 impl Cluster {
     fn start(tuning: Tuning) -> Result<Cluster, DevDbError> {
+        let cluster = Self::prepare(tuning)?;
+        cluster.run(
+            "initdb",
+            "initdb",
+            &[
+                "-D".into(),
+                cluster.data_dir.clone().into(),
+                "-U".into(),
+                "postgres".into(),
+                "--auth=trust".into(),
+                "--encoding=UTF8".into(),
+                "--no-sync".into(),
+            ],
+        )?;
+        cluster.run("pg_ctl", "pg_ctl start", &cluster.start_args("start"))?;
+        Ok(cluster)
+    }
+
+    /// A directory, a free port and the server options for a cluster, with no data yet.
+    fn prepare(tuning: Tuning) -> Result<Cluster, DevDbError> {
         let bin_dir = find_bin_dir().ok_or(DevDbError::NoBinaries)?;
         // initdb refuses to run as root: run the server as an unprivileged user then.
         let run_as = is_root().then(unprivileged_user);
@@ -241,30 +321,16 @@ impl Cluster {
             tuning.server_options()
         );
         let log = data_dir.join("server.log");
-        let cluster = Cluster {
+        Ok(Cluster {
             _dir: dir,
             data_dir,
             port,
             bin_dir,
             run_as,
             server_options,
+            tuning,
             log,
-        };
-        cluster.run(
-            "initdb",
-            "initdb",
-            &[
-                "-D".into(),
-                cluster.data_dir.clone().into(),
-                "-U".into(),
-                "postgres".into(),
-                "--auth=trust".into(),
-                "--encoding=UTF8".into(),
-                "--no-sync".into(),
-            ],
-        )?;
-        cluster.run("pg_ctl", "pg_ctl start", &cluster.start_args("start"))?;
-        Ok(cluster)
+        })
     }
 
     /// `pg_ctl <action>` (start or restart) with this cluster's data directory, log and options,

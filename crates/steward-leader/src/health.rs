@@ -54,6 +54,8 @@ pub struct HealthSnapshot {
     pub branches: Vec<BranchHealth>,
     /// Time since each loop last finished an iteration in the current term.
     pub loops: BTreeMap<String, Duration>,
+    /// The server refuses writes, so this candidate does not stand for election.
+    pub server_read_only: bool,
 }
 
 /// One pass, as the live page's timeline draws it.
@@ -85,6 +87,7 @@ struct State {
     branches: BTreeMap<&'static str, BranchHealth>,
     loops: BTreeMap<String, Instant>,
     passes: std::collections::VecDeque<PassRecord>,
+    server_read_only: bool,
 }
 
 /// Shared, cheap to clone.
@@ -108,6 +111,7 @@ impl HealthRegistry {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.elapsed()))
                 .collect(),
+            server_read_only: state.server_read_only,
         }
     }
 
@@ -231,6 +235,10 @@ impl Observer for HealthRegistry {
         entry.epoch = held.epoch;
         entry.held_until = Some(held.until);
         entry.dirty = true;
+    }
+
+    fn server_read_only(&self, read_only: bool) {
+        self.state().server_read_only = read_only;
     }
 
     fn leadership(&self, event: &LeadershipEvent) {

@@ -28,6 +28,7 @@ pub use tracker::{OverrunState, OverrunTracker, Transition};
 
 use instance::Instance;
 use std::sync::Arc;
+use std::time::Duration;
 use steward_branches::{Branch, InvalidConfig};
 use steward_connection::{describe_pg_error, Target};
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,42 @@ impl Candidate {
         Ok(())
     }
 
+    /// Waits on `session` until its server accepts writes; false when `shutdown` came first.
+    /// A hot standby or a read-only primary is checked again at a growing interval (250 ms
+    /// doubling to 2 s) on the same session, so that a promotion is noticed within seconds
+    /// and waiting costs one idle session rather than a reconnect loop. Each change is logged
+    /// once and exported (`read_only` carries the last state across reconnects).
+    async fn wait_until_writable(
+        &self,
+        session: &session::LeaderSession,
+        read_only: &mut bool,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, tokio_postgres::Error> {
+        const FIRST_RECHECK: Duration = Duration::from_millis(250);
+        const LONGEST_RECHECK: Duration = Duration::from_secs(2);
+        let mut recheck = FIRST_RECHECK;
+        loop {
+            let now_read_only = session.read_only().await?;
+            if now_read_only != *read_only {
+                *read_only = now_read_only;
+                self.observers.server_read_only(now_read_only);
+                if now_read_only {
+                    tracing::warn!(target = %self.target, "the server refuses writes (a hot standby, or default_transaction_read_only is on): not standing for election here until it accepts them");
+                } else {
+                    tracing::info!(target = %self.target, "the server accepts writes again: standing for election");
+                }
+            }
+            if !now_read_only {
+                return Ok(true);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(recheck) => {}
+            }
+            recheck = (recheck * 2).min(LONGEST_RECHECK);
+        }
+    }
+
     /// Stands for election until `shutdown`; leads whenever elected. Returns Ok after a clean
     /// step-down. Errors only for problems retrying cannot fix (schema missing or mismatched).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LeaderError> {
@@ -123,6 +160,8 @@ impl Candidate {
         let mut backoff = self.settings.reconnect_min;
         // Since when the server has refused us for a reason retrying cannot fix.
         let mut refused_since: Option<std::time::Instant> = None;
+        // Whether the server was last seen refusing writes (logged once per change).
+        let mut read_only = false;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -160,7 +199,7 @@ impl Candidate {
             };
             refused_since = None;
             match steward_schema::check_schema(session.client(), self.target.schema()).await {
-                Ok(_) => backoff = self.settings.reconnect_min,
+                Ok(_) => {}
                 // A database error here (a restart, a dropped connection) is retried like any
                 // other; only a schema that is missing or at another version stops the process.
                 Err(steward_schema::SchemaError::Db(error)) => {
@@ -173,6 +212,22 @@ impl Candidate {
                     continue;
                 }
                 Err(error) => return Err(error.into()),
+            }
+            match self
+                .wait_until_writable(&session, &mut read_only, &shutdown)
+                .await
+            {
+                Ok(true) => backoff = self.settings.reconnect_min,
+                Ok(false) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(error = %describe_pg_error(&error), retry_in = ?backoff, "could not check whether the server accepts writes; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.settings.reconnect_max);
+                    continue;
+                }
             }
 
             tracing::info!(instance = %self.instance(), "standing by for leadership");

@@ -112,6 +112,9 @@ pub trait Observer: Send + Sync + 'static {
     fn backlog(&self, _report: &BacklogReport) {}
     /// A branch waits out its quiet period.
     fn branch_held(&self, _held: &BranchHeld) {}
+    /// The server refuses writes (a hot standby, or `default_transaction_read_only`), so this
+    /// candidate does not stand for election there; `false` once it accepts writes again.
+    fn server_read_only(&self, _read_only: bool) {}
 }
 
 /// Fan-out to several observers.
@@ -150,5 +153,8 @@ impl Observer for Observers {
     }
     fn branch_held(&self, held: &BranchHeld) {
         self.0.iter().for_each(|o| o.branch_held(held));
+    }
+    fn server_read_only(&self, read_only: bool) {
+        self.0.iter().for_each(|o| o.server_read_only(read_only));
     }
 }

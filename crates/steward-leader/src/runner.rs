@@ -83,6 +83,9 @@ pub enum LoopExit {
     Stopped,
     /// A branch found a newer term in the database: this term is over.
     Superseded,
+    /// A branch's write was refused because the server is read-only: this term is over, since
+    /// retrying cannot succeed on this server.
+    ReadOnly,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +238,7 @@ impl LoopTask {
             }
             match pass.fate {
                 ConnectionFate::Keep => {}
+                ConnectionFate::ReadOnly => return LoopExit::ReadOnly,
                 ConnectionFate::Replace => connection = None,
                 ConnectionFate::Lost => {
                     connection = None;
@@ -584,6 +588,8 @@ enum ConnectionFate {
     Replace,
     /// The database stopped answering.
     Lost,
+    /// The server refuses writes: the term must end.
+    ReadOnly,
 }
 
 /// The pass's result for reporting, its outcome (empty on failure), and what becomes of the
@@ -602,6 +608,8 @@ fn classify(result: PassResult) -> (RunResult, Outcome, ConnectionFate) {
         Ok(Err(e)) => {
             let fate = if e.is_connection_lost() {
                 ConnectionFate::Lost
+            } else if e.is_read_only() {
+                ConnectionFate::ReadOnly
             } else {
                 ConnectionFate::Keep
             };

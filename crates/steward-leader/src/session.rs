@@ -3,8 +3,8 @@
 //!
 //! The session stays idle while the branches run (they use their own work connections): a
 //! statement running here would delay the lock's release if this process died. The only
-//! statements it runs during a term are the probe (`SELECT 1`, bounded by a timeout) and the
-//! term's start and end.
+//! statements it runs during a term are the probe (the read-only check, bounded by a timeout)
+//! and the term's start and end.
 
 use crate::instance::Registration;
 use std::time::{Duration, Instant};
@@ -56,6 +56,20 @@ WITH ended AS (
 )
 UPDATE leader SET resigned_at = now(), promote_wakeup_at = NULL WHERE id = 1 AND epoch = $1";
 
+/// Whether the server refuses writes: a hot standby (in recovery), or a primary set read-only
+/// (`default_transaction_read_only`, as a demoted or fenced primary is). A candidate must not
+/// lead there: every term statement and branch pass would fail.
+pub const READ_ONLY: &str =
+    "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool";
+
+/// Why the leader connection's probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The server answered but refuses writes now (see [`READ_ONLY`]).
+    ReadOnly,
+    Failed(String),
+}
+
 pub struct LeaderSession {
     client: Client,
     ended: Ended,
@@ -74,6 +88,11 @@ impl LeaderSession {
     /// Resolves as soon as the connection is gone (its driver future ended).
     pub async fn ended(&self) {
         self.ended.wait().await
+    }
+
+    /// See [`READ_ONLY`].
+    pub async fn read_only(&self) -> Result<bool, tokio_postgres::Error> {
+        Ok(self.client.query_one(READ_ONLY, &[]).await?.get(0))
     }
 
     pub async fn acquire(&self, lock_name: &str) -> Result<(), tokio_postgres::Error> {
@@ -100,13 +119,15 @@ impl LeaderSession {
             .get(0))
     }
 
-    /// Round-trip time of a trivial statement, or an error after `timeout`.
-    pub async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+    /// Round-trip time of the read-only check ([`READ_ONLY`]), or why it failed: no answer
+    /// within `timeout`, or a server that no longer accepts writes.
+    pub async fn probe(&self, timeout: Duration) -> Result<Duration, ProbeError> {
         let started = Instant::now();
-        match tokio::time::timeout(timeout, self.client.simple_query("SELECT 1")).await {
+        match tokio::time::timeout(timeout, self.client.query_one(READ_ONLY, &[])).await {
+            Ok(Ok(row)) if row.get::<_, bool>(0) => Err(ProbeError::ReadOnly),
             Ok(Ok(_)) => Ok(started.elapsed()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Err(e)) => Err(ProbeError::Failed(e.to_string())),
+            Err(_) => Err(ProbeError::Failed(format!("no answer within {timeout:?}"))),
         }
     }
 

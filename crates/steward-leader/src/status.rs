@@ -61,6 +61,8 @@ impl StatusError {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
     pub schema: String,
+    /// The server refuses writes (a hot standby, or read-only): nobody can lead through it.
+    pub server_read_only: bool,
     /// Someone holds the leadership lock right now.
     pub lock_held: bool,
     /// The leader's term, while the lock is held.
@@ -132,6 +134,11 @@ pub struct BranchStatus {
 
 /// Reads the status of `schema` over `client` (a session of that schema's target).
 pub async fn read(client: &Client, schema: &SchemaName) -> Result<Status, StatusError> {
+    let server_read_only: bool = client
+        .query_one(crate::session::READ_ONLY, &[])
+        .await
+        .map_err(StatusError::reading("whether the server accepts writes"))?
+        .get(0);
     let lock_held: bool = client
         .query_one(LOCK_HELD, &[&lock_name(schema)])
         .await
@@ -177,6 +184,7 @@ pub async fn read(client: &Client, schema: &SchemaName) -> Result<Status, Status
         .collect();
     Ok(Status {
         schema: schema.to_string(),
+        server_read_only,
         lock_held,
         leader,
         last_term,

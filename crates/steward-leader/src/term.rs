@@ -7,7 +7,7 @@ use crate::instance::{Instance, Registration};
 use crate::observe::Observer;
 use crate::plan::{LoopPlan, PlannedLoop};
 use crate::runner::{ContactMonitor, LoopExit, LoopSettings, LoopTask, StopSignal};
-use crate::session::LeaderSession;
+use crate::session::{LeaderSession, ProbeError};
 use crate::settings::LeaderSettings;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +22,10 @@ pub enum TermEnd {
     /// Leadership ended without our choosing.
     Lost(String),
 }
+
+/// Why a term ends when its server stops accepting writes (demoted, fenced, or a standby).
+pub const READ_ONLY_SERVER: &str =
+    "the server refuses writes (a hot standby, or default_transaction_read_only is on)";
 
 /// The name the backlog measurement's restarts are reported under.
 pub const BACKLOG_TASK: &str = "backlog";
@@ -123,7 +127,11 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                     contact.restored_now();
                 }
                 Ok(_) => {}
-                Err(reason) => {
+                Err(ProbeError::ReadOnly) => {
+                    stop.stop(Duration::ZERO);
+                    break TermEnd::Lost(READ_ONLY_SERVER.to_owned());
+                }
+                Err(ProbeError::Failed(reason)) => {
                     stop.stop(Duration::ZERO);
                     break TermEnd::Lost(format!("leader connection probe failed: {reason}"));
                 }
@@ -150,6 +158,10 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                     Ok((_, LoopExit::Superseded)) => {
                         stop.stop(Duration::ZERO);
                         break TermEnd::Lost("a newer term started (seen by a branch fence)".to_owned());
+                    }
+                    Ok((_, LoopExit::ReadOnly)) => {
+                        stop.stop(Duration::ZERO);
+                        break TermEnd::Lost(READ_ONLY_SERVER.to_owned());
                     }
                     Ok((id, LoopExit::Stopped)) => (id, "the loop returned while the term was active".to_owned()),
                     Err(e) => (e.id(), if e.is_panic() { "the loop task panicked".to_owned() } else { e.to_string() }),

@@ -154,6 +154,17 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
+    // Reachable is not enough: on a server that refuses writes this instance can never lead.
+    if state.health.snapshot().server_read_only {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "database": "read_only",
+                "reason": "the server refuses writes (a hot standby, or default_transaction_read_only is on): this instance does not stand for election there",
+            })),
+        )
+            .into_response();
+    }
     let mut probe = state.probe.lock().await;
     let c = match tokio::time::timeout(Duration::from_secs(2), probe.get()).await {
         Ok(Ok(c)) => c,

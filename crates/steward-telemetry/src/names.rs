@@ -26,6 +26,9 @@ pub const BRANCH_CONSECUTIVE_FAILURES: &str = "steward_maintenance_branch_consec
 pub const PROMOTION_BACKLOG_AGE: &str = "steward_promotion_backlog_age_seconds";
 /// Age of the oldest run that should have been rescued for `reason` and was not.
 pub const RESCUE_BACKLOG_AGE: &str = "steward_rescue_backlog_age_seconds";
+/// 1 while this instance's server refuses writes (a hot standby, or a read-only primary), so
+/// that it does not stand for election.
+pub const SERVER_READ_ONLY: &str = "steward_server_read_only";
 
 /// What a metric is in the Prometheus exposition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +103,7 @@ pub const ALL: &[Metric] = &[
     metric(BRANCH_CONSECUTIVE_FAILURES, Kind::Gauge, BRANCH_LABELS),
     metric(PROMOTION_BACKLOG_AGE, Kind::Gauge, &[]),
     metric(RESCUE_BACKLOG_AGE, Kind::Gauge, &["reason"]),
+    metric(SERVER_READ_ONLY, Kind::Gauge, &[]),
 ];
 
 /// The metric of this name, if Steward exports it.

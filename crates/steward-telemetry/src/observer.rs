@@ -103,6 +103,7 @@ impl MetricsObserver {
                 .increment(0);
         }
         self.gauge(PROMOTION_BACKLOG_AGE, &[]).set(0.0);
+        self.gauge(SERVER_READ_ONLY, &[]).set(0.0);
         for reason in [
             RescueReason::Heartbeat,
             RescueReason::Deadline,
@@ -277,6 +278,11 @@ impl Observer for MetricsObserver {
             }
         };
         gauge.set(report.age.as_secs_f64());
+    }
+
+    fn server_read_only(&self, read_only: bool) {
+        self.gauge(SERVER_READ_ONLY, &[])
+            .set(if read_only { 1.0 } else { 0.0 });
     }
 
     fn loop_restarted(&self, loop_name: &str, _reason: &str) {

@@ -27,6 +27,12 @@ pub struct Verdict {
 impl Verdict {
     pub fn of(status: &Status) -> Self {
         let mut problems = Vec::new();
+        if status.server_read_only {
+            problems.push(
+                "this server refuses writes (a hot standby, or default_transaction_read_only is on): no steward leads through it; point the URL at the primary (a multi-host URL with target_session_attrs=read-write finds it)"
+                    .to_owned(),
+            );
+        }
         match &status.leader {
             None => problems.push(format!(
                 "no leader: nobody holds the leadership lock for schema {}",
