@@ -70,7 +70,8 @@ impl JobContext {
     /// heartbeats stop, nothing is written whatever the handler returns, and the handler is
     /// cancelled; the leader rescues the run after the staleness.
     pub fn crash(&self) {
-        self.crashed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.cancel.cancel();
     }
 }

@@ -118,12 +118,14 @@ impl StewardProcess {
         options: &Options,
     ) -> Result<StewardProcess, FleetError> {
         let mut log_file = match &options.log_file {
-            Some(path) => Some(std::fs::File::create(path).map_err(|source| {
-                FleetError::LogFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?),
+            Some(path) => {
+                Some(
+                    std::fs::File::create(path).map_err(|source| FleetError::LogFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         let mut command = Command::new(bin);
@@ -206,7 +208,11 @@ impl StewardProcess {
     /// The last `n` lines of stderr as written (JSON or not).
     pub fn tail(&self, n: usize) -> Vec<String> {
         let out = lock(&self.output);
-        out.tail.iter().skip(out.tail.len().saturating_sub(n)).cloned().collect()
+        out.tail
+            .iter()
+            .skip(out.tail.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     /// The last lines of stderr, one string.

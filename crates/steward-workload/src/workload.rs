@@ -220,7 +220,9 @@ impl Ledger {
             crashed: n("crashed"),
             overran: n("overran"),
             parked: n(Outcome::Parked.as_str()),
+            unanswered: n("unanswered"),
             answered: n("answered"),
+            answered_too_late: n("answered_too_late"),
             refused: n(Outcome::Refused.as_str()),
             abandoned: n(Outcome::Abandoned.as_str()),
             unwritten: n(Outcome::Unwritten.as_str()),
@@ -246,8 +248,12 @@ pub struct Stats {
     pub overran: u64,
     /// Runs parked on a callback.
     pub parked: u64,
+    /// Of those, parked on a callback nobody will answer.
+    pub unanswered: u64,
     /// Callbacks a remote party resolved.
     pub answered: u64,
+    /// Callbacks no longer pending when the remote party answered.
+    pub answered_too_late: u64,
     /// Outcomes refused because the run's lease was lost (rescued, cancelled).
     pub refused: u64,
     /// Runs given up without a word to the database (crashes, the watchdog).
@@ -736,6 +742,7 @@ async fn act(
         }
         Behaviour::Unanswered => {
             park(&shared, &ctx, run, t.unanswered_timeout).await?;
+            shared.ledger.count("unanswered");
             shared.ledger.note(|b| {
                 b.unanswered.insert(run);
             });
@@ -815,7 +822,11 @@ async fn remote_party(shared: Arc<Shared>, run: Run, callback: uuid::Uuid, resol
     let deadline = Instant::now() + PERSIST_FOR;
     let mut unsure = false;
     loop {
-        match shared.queue.resolve_callback(callback, resolution.clone()).await {
+        match shared
+            .queue
+            .resolve_callback(callback, resolution.clone())
+            .await
+        {
             Ok(_) => {
                 if completes {
                     ledger.note(|b| *b.completions.entry(run.0).or_default() += 1);
