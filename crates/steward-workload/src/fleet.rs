@@ -101,6 +101,8 @@ fn lock(output: &Mutex<Output>) -> MutexGuard<'_, Output> {
 pub struct StewardProcess {
     child: Child,
     output: Arc<Mutex<Output>>,
+    /// Set once the exit was seen (the process reaped): its pid may then belong to another.
+    reaped: std::sync::atomic::AtomicBool,
 }
 
 impl StewardProcess {
@@ -181,7 +183,11 @@ impl StewardProcess {
                 }
             });
         }
-        Ok(StewardProcess { child, output })
+        Ok(StewardProcess {
+            child,
+            output,
+            reaped: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -228,7 +234,11 @@ impl StewardProcess {
 
     /// The exit status, if the process has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        let status = self.child.try_wait().ok().flatten();
+        if status.is_some() {
+            self.reaped.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        status
     }
 
     /// Waits for a line that `matches`, checking every millisecond; fails if the process
@@ -311,10 +321,10 @@ impl StewardProcess {
 
     /// Sends a signal by name (`KILL`, `TERM`, `STOP`, `CONT`, ...) through the `kill`
     /// command: this crate has no binding to kill(2).
-    pub fn signal(&mut self, signal: &str) -> Result<(), FleetError> {
+    pub fn signal(&self, signal: &str) -> Result<(), FleetError> {
         let pid = self.pid();
         // Not reaped yet, so the pid cannot have been reused: signalling it is safe.
-        if self.try_wait().is_some() {
+        if self.reaped.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(FleetError::Signal {
                 pid,
                 detail: "it has exited".to_owned(),
@@ -346,16 +356,18 @@ impl StewardProcess {
             detail: e.to_string(),
         };
         self.child.kill().map_err(signal_error)?;
-        self.child.wait().map_err(signal_error)
+        let status = self.child.wait().map_err(signal_error)?;
+        self.reaped.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(status)
     }
 
     /// SIGSTOP: the process freezes with its sockets open, as a hung host would.
-    pub fn pause(&mut self) -> Result<(), FleetError> {
+    pub fn pause(&self) -> Result<(), FleetError> {
         self.signal("STOP")
     }
 
     /// SIGCONT after [`StewardProcess::pause`].
-    pub fn resume(&mut self) -> Result<(), FleetError> {
+    pub fn resume(&self) -> Result<(), FleetError> {
         self.signal("CONT")
     }
 
