@@ -188,9 +188,10 @@ fn workload_config(rate: f64) -> WorkloadConfig {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // The demo prints its own report; library logs would interleave with it.
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    // The demo prints its own report; library logs would interleave with it. The workers'
+    // warnings (outcomes refused after a rescue) are the demo working as meant.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,steward_worker=error".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
