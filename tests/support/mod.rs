@@ -42,6 +42,7 @@ impl Steward {
         self.process.pid()
     }
 
+    #[allow(dead_code)] // used by chaos and e2e_leader only
     pub fn logs(&self) -> Vec<LogLine> {
         self.process.lines()
     }
