@@ -273,14 +273,12 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     write_command(&command, &bin, &url, &schema)?;
 
     let mut monitor = Monitor::connect(&target).await?;
-    let queue = Queue::new(target.pool(16).context("creating the workload's pool")?);
     let mut fleet = Fleet::new(&bin, &url, schema.as_str(), SETTINGS, &log_dir);
     let driven = drive(
         duration,
         args.rate,
         &mut fleet,
         &mut monitor,
-        &queue,
         &target,
         header,
         &mut interrupt,
@@ -324,7 +322,6 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     problems.extend(driven.problems);
     drop(monitor);
-    drop(queue);
 
     if server.is_throwaway() {
         if args.keep {
@@ -374,7 +371,6 @@ async fn drive(
     rate: f64,
     fleet: &mut Fleet,
     monitor: &mut Monitor,
-    queue: &Queue,
     target: &Target,
     mut header: Vec<String>,
     interrupt: &mut Interrupt,
@@ -428,7 +424,8 @@ async fn drive(
     });
 
     let mut display = Display::new(header);
-    let workload = Workload::start(queue.clone(), target, workload_config(rate))
+    let queue = Queue::new(target.pool(16).context("creating the workload's pool")?);
+    let workload = Workload::start(queue, target, workload_config(rate))
         .await
         .context("starting the workload")?;
     let started = Instant::now();

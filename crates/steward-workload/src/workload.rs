@@ -381,7 +381,7 @@ impl Workload {
             ));
         }
         let shares: u32 = config.mix.iter().map(|(_, share)| share).sum();
-        if shares > 100 || config.workers == 0 || !(config.rate >= 0.0) {
+        if shares > 100 || config.workers == 0 || !config.rate.is_finite() || config.rate < 0.0 {
             return Err(WorkloadError::Invalid(format!(
                 "shares add up to {shares}% (at most 100), {} workers (at least 1), rate {}",
                 config.workers, config.rate
