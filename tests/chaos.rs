@@ -1,7 +1,8 @@
 //! Chaos: real `steward run` processes (scenario 5: the branches themselves) under a mixed
 //! workload while something breaks, then proof from the database that nothing was lost,
-//! doubled or taken from a live worker. See `tests/support/workload.rs` for the workload
-//! (what each job does), `tests/support/audit.rs` for the audits (a trigger logging every job
+//! doubled or taken from a live worker. The workload is the shared one (`steward-workload`:
+//! its table of behaviours says what each job does), run on `steward-worker` workers with the
+//! suite's settings (`tests/support/settings.rs`); `tests/support/audit.rs` holds the audits (a trigger logging every job
 //! transition; commit-time records of Steward's transactions) and the checks (`verify`),
 //! `tests/support/network.rs` for the network faults and `tests/support/probes.rs` for reading
 //! logs, metrics and processes.
@@ -12,7 +13,7 @@
 //! | `postgres_fast_restart_under_load_one_leader_again` | `pg_ctl restart -m fast` (private cluster) | restart, reconnect and re-election ms |
 //! | `network_cut_server_drops_the_old_session_by_keepalive` | the leader's TCP path black-holed (proxy + iptables) | term loss ms, takeover ms, late commits |
 //! | `network_cut_half_open_standby_takes_over_by_wedge_detection` | the same, proxy only (the server sees a live peer) | term loss ms, takeover ms, late commits |
-//! | `outage_longer_than_the_staleness_rescues_no_live_job` | server down 6 s > staleness 3 s (private cluster) | live runs spared, dead runs rescued |
+//! | `outage_longer_than_the_staleness_rescues_only_runs_their_workers_gave_up` | server down 6 s > staleness 3 s (private cluster) | runs given up and rescued, none rescued from a worker still holding it |
 //! | `two_instances_running_every_branch_at_once_double_nothing` | both instances run every branch at the same instant | work per instance, doubles found |
 //! | `soak_mixed_load_keeps_memory_and_connections_flat` | nothing: load for `STEWARD_CHAOS_SOAK` (default 60 s) | RSS and sessions over time |
 //!
@@ -33,8 +34,6 @@ mod probes;
 #[path = "support/settings.rs"]
 mod settings;
 mod support;
-#[path = "support/workload.rs"]
-mod workload;
 
 use audit::*;
 use network::*;
@@ -48,10 +47,10 @@ use steward_branches::{Branch, BranchContext, BranchError, BranchesConfig, Class
 use steward_connection::{SchemaName, Target};
 use steward_queue::Queue;
 use steward_testkit::TestDb;
+use steward_workload::{Behaviour, Ledger, Run, Workload, WorkloadConfig};
 use support::Steward;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use workload::*;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -62,6 +61,17 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn queue_on(db: &TestDb) -> Queue {
     Queue::new(db.pool(16)).with_retry_policy(RETRY)
+}
+
+/// Starts the workload: its producer enqueues through `queue`, its workers connect to `target`.
+fn start_workload(
+    rt: &tokio::runtime::Runtime,
+    queue: Queue,
+    target: &Target,
+    config: WorkloadConfig,
+) -> Workload {
+    rt.block_on(Workload::start(queue, target, config))
+        .unwrap_or_else(|e| panic!("starting the workload: {e}"))
 }
 
 /// A private throwaway cluster, migrated, for scenarios that stop or restart PostgreSQL.
@@ -126,10 +136,7 @@ fn assert_no_panic(stewards: &mut [(&str, &mut Steward)]) {
     for (name, s) in stewards.iter_mut() {
         let output = s.raw_output();
         assert!(!output.contains("panicked"), "{name} panicked:\n{output}");
-        assert!(
-            s.child.try_wait().unwrap().is_none(),
-            "{name} exited:\n{output}"
-        );
+        assert!(s.try_wait().is_none(), "{name} exited:\n{output}");
     }
 }
 
@@ -143,7 +150,7 @@ fn finish(
         disable_cron(client).await;
         workload.stop_producing();
         let drained = drain(client, Duration::from_secs(90)).await;
-        let ledger = workload.stop().await;
+        let ledger: Arc<Ledger> = workload.stop().await;
         let verified = verify(client, &ledger).await;
         let counts = ledger.counts();
         (verified, drained, counts)
@@ -174,7 +181,7 @@ fn sigkill_of_the_leader_under_load_loses_nothing() {
     leader.wait_for(ACQUIRED, Duration::from_secs(30));
     let mut standby = Steward::spawn(&url, &args);
     standby.wait_for(STANDING_BY, Duration::from_secs(30));
-    let workload = Workload::start(queue_on(&db), WorkloadConfig::default());
+    let workload = start_workload(&rt, queue_on(&db), db.target(), workload_config());
     std::thread::sleep(Duration::from_secs(5));
 
     let mut takeovers = Vec::new();
@@ -251,7 +258,12 @@ fn postgres_fast_restart_under_load_one_leader_again() {
     a.wait_for(ACQUIRED, Duration::from_secs(30));
     let mut b = Steward::spawn(&private.url, &args);
     b.wait_for(STANDING_BY, Duration::from_secs(30));
-    let workload = Workload::start(private.queue(), WorkloadConfig::default());
+    let workload = start_workload(
+        &rt,
+        private.queue(),
+        &private.target("chaos-worker"),
+        workload_config(),
+    );
     std::thread::sleep(Duration::from_secs(5));
 
     let restart_at = SystemTime::now();
@@ -405,11 +417,13 @@ fn network_cut(cut: Cut) {
         .to_owned();
     let mut b = Steward::spawn(&db.url(), &args);
     b.wait_for(STANDING_BY, Duration::from_secs(30));
-    let workload = Workload::start(
+    let workload = start_workload(
+        &rt,
         queue_on(&db),
+        db.target(),
         WorkloadConfig {
-            rate: 20,
-            ..WorkloadConfig::default()
+            rate: 20.0,
+            ..workload_config()
         },
     );
     std::thread::sleep(Duration::from_secs(3));
@@ -556,11 +570,14 @@ async fn late_commits(client: &Client, new_epoch: i64, instance: &str) -> LateCo
 // 4. An outage longer than the heartbeat staleness
 // ---------------------------------------------------------------------------------------------
 
-/// The server is down 6 s, twice the 3 s staleness, while live workers hold long runs (they
-/// keep heartbeating, failing, until it is back). Just before, one worker crashes: its runs
-/// are the control. After recovery no live run is rescued, every crashed one is.
+/// The server is down 6 s, twice the 3 s staleness, while workers hold long runs. A
+/// steward-worker whose heartbeats have failed for the staleness can no longer vouch for its
+/// runs: its watchdog gives them up (cancels them and writes nothing), since the leader will
+/// take them back. Just before the outage one worker crashes: its runs are the control. After
+/// recovery every run given up or crashed is rescued and then completes on a later attempt;
+/// the audit (`verify`) proves no run was rescued from a worker still holding it.
 #[test]
-fn outage_longer_than_the_staleness_rescues_no_live_job() {
+fn outage_longer_than_the_staleness_rescues_only_runs_their_workers_gave_up() {
     let rt = runtime();
     let _guard = rt.enter();
     let private = rt.block_on(PrivateDb::start());
@@ -575,10 +592,12 @@ fn outage_longer_than_the_staleness_rescues_no_live_job() {
     a.wait_for(ACQUIRED, Duration::from_secs(30));
     let mut b = Steward::spawn(&private.url, &args);
     b.wait_for(STANDING_BY, Duration::from_secs(30));
-    let workload = Workload::start(
+    let workload = start_workload(
+        &rt,
         private.queue(),
+        &private.target("chaos-worker"),
         WorkloadConfig {
-            rate: 20,
+            rate: 20.0,
             mix: vec![
                 (Behaviour::Normal, 40),
                 (Behaviour::Long, 25),
@@ -589,24 +608,27 @@ fn outage_longer_than_the_staleness_rescues_no_live_job() {
                 (Behaviour::Overrun, 5),
                 (Behaviour::Cancelled, 5),
             ],
-            long_for: Duration::from_secs(12),
-            answer_timeout: Duration::from_secs(15),
-            ..WorkloadConfig::default()
+            timings: steward_workload::Timings {
+                long_for: Duration::from_secs(12),
+                answer_timeout: Duration::from_secs(15),
+                ..steward_workload::Timings::default()
+            },
+            ..workload_config()
         },
     );
     std::thread::sleep(Duration::from_secs(5));
     let crashed = workload.crash_a_worker();
     assert!(!crashed.is_empty(), "the crashed worker held no run");
     std::thread::sleep(Duration::from_millis(300));
-    let live: Vec<Run> = workload
+    let spanning: Vec<Run> = workload
         .held_runs()
         .into_iter()
         .filter(|(_, b)| *b == Behaviour::Long)
         .map(|(run, _)| run)
         .collect();
     assert!(
-        live.len() >= 3,
-        "too few live long runs to span the outage: {live:?}"
+        spanning.len() >= 3,
+        "too few long runs to span the outage: {spanning:?}"
     );
 
     let down_at = SystemTime::now();
@@ -628,51 +650,59 @@ fn outage_longer_than_the_staleness_rescues_no_live_job() {
     );
     // Past the quiet period and the long runs' end.
     std::thread::sleep(Duration::from_secs(10));
+    let given_up: Vec<Run> = {
+        let books = workload.ledger().books();
+        spanning
+            .iter()
+            .filter(|run| books.abandoned.contains(run))
+            .copied()
+            .collect()
+    };
     let client = rt.block_on(private.client("chaos-check"));
     let (verified, drained, counts) = finish(&rt, &client, workload);
 
-    // Every live long run completed on its first attempt with no error entry; every run of
-    // the crashed worker still running at the outage was rescued after it.
-    let (spared, rescued_after): (usize, usize) = rt.block_on(async {
-        let mut spared = 0;
-        for (job, attempt) in &live {
-            let row = client
-                .query_one(
-                    "SELECT state::text, attempt, errors::text FROM jobs WHERE id = $1",
-                    &[job],
-                )
-                .await
-                .unwrap();
-            let (state, final_attempt, errors): (String, i32, String) =
-                (row.get(0), row.get(1), row.get(2));
-            assert!(
-                state == "completed" && final_attempt == *attempt && errors == "[]",
-                "live run {:?} ended {state} at attempt {final_attempt} with errors {errors}",
-                (job, attempt)
-            );
-            spared += 1;
-        }
-        let ids: Vec<i64> = crashed.iter().map(|r| r.0).collect();
-        let rescued: i64 = client
-            .query_one(
-                "SELECT count(*) FROM jobs, jsonb_array_elements(errors) e
-                 WHERE id = ANY($1) AND e->>'reason' = 'heartbeat_stale'
-                   AND (e->>'at')::timestamptz > $2",
-                &[&ids, &chrono::DateTime::<chrono::Utc>::from(up_at)],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (spared, rescued as usize)
-    });
+    // Every long run spanning the outage was given up by its worker, rescued for its stale
+    // heartbeat after recovery, and completed on a later attempt; so were the crashed
+    // worker's runs.
+    let rescued_after = |runs: &[Run]| -> usize {
+        let ids: Vec<i64> = runs.iter().map(|r| r.0).collect();
+        let attempts: Vec<i32> = runs.iter().map(|r| r.1).collect();
+        rt.block_on(client.query_one(
+            "SELECT count(*) FROM jobs, jsonb_array_elements(errors) e,
+                    unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+             WHERE jobs.id = r.id AND (e->>'attempt')::int = r.attempt
+               AND e->>'reason' = 'heartbeat_stale' AND (e->>'at')::timestamptz > $3
+               AND state = 'completed' AND jobs.attempt > r.attempt",
+            &[
+                &ids,
+                &attempts,
+                &chrono::DateTime::<chrono::Utc>::from(up_at),
+            ],
+        ))
+        .unwrap()
+        .get::<_, i64>(0) as usize
+    };
+    let spanning_rescued = rescued_after(&spanning);
+    let crashed_rescued = rescued_after(&crashed);
     println!(
-        "[chaos 4: outage 6 s > staleness 3 s] server down {} ms; first SLO pass of the new term ({who}) {} ms after it was back; live long runs spanning the outage: {spared}, all completed on their first attempt; crashed worker's runs {} -> {rescued_after} rescued after recovery; drained in {drained:.1?}; {verified}; workload {counts:?}",
+        "[chaos 4: outage 6 s > staleness 3 s] server down {} ms; first SLO pass of the new term ({who}) {} ms after it was back; long runs spanning the outage: {}, given up by their workers: {}, rescued after recovery and completed later: {spanning_rescued}; crashed worker's runs {} -> {crashed_rescued} rescued after recovery; drained in {drained:.1?}; {verified}; workload {counts:?}",
         millis(down_at, up_at),
         millis(up_at, pass.at),
+        spanning.len(),
+        given_up.len(),
         crashed.len(),
     );
+    assert_eq!(
+        given_up, spanning,
+        "a worker kept a run it could not vouch for through the outage"
+    );
+    assert_eq!(
+        spanning_rescued,
+        spanning.len(),
+        "not every run given up was rescued after the outage and completed later"
+    );
     assert!(
-        rescued_after > 0,
+        crashed_rescued > 0,
         "no run of the crashed worker was rescued after the outage (control)"
     );
     assert_no_panic(&mut [("a", &mut a), ("b", &mut b)]);
@@ -801,7 +831,7 @@ fn two_instances_running_every_branch_at_once_double_nothing() {
             drivers.spawn(async move { (instance, kind, driver.await) });
         }
     }
-    let workload = Workload::start(queue_on(&db), WorkloadConfig::default());
+    let workload = start_workload(&rt, queue_on(&db), db.target(), workload_config());
     std::thread::sleep(Duration::from_secs(15));
     let (verified, drained, counts) = finish(&rt, &client, workload);
     stop.cancel();
@@ -909,14 +939,14 @@ fn soak_mixed_load_keeps_memory_and_connections_flat() {
     leader.wait_for(ACQUIRED, Duration::from_secs(30));
     let mut standby = Steward::spawn(&url, &args);
     standby.wait_for(STANDING_BY, Duration::from_secs(30));
-    let workload = Workload::start(queue_on(&db), WorkloadConfig::default());
+    let workload = start_workload(&rt, queue_on(&db), db.target(), workload_config());
 
     let started = Instant::now();
     let mut samples: Vec<(Duration, u64, u64, i64)> = Vec::new();
     while started.elapsed() < duration {
         std::thread::sleep(every);
         let rss = |s: &Steward, name: &str| {
-            rss_kib(s.child.id()).unwrap_or_else(|| panic!("the {name} is gone"))
+            rss_kib(s.pid()).unwrap_or_else(|| panic!("the {name} is gone"))
         };
         samples.push((
             started.elapsed(),

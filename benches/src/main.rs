@@ -15,7 +15,6 @@ mod procs;
 mod recorder;
 mod report;
 mod scenarios;
-mod workload;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};

@@ -3,8 +3,10 @@
 //! fires into the chaos queue, and [`verify`], which proves from all of it (and the
 //! workload's books) what happened to every job.
 
-use crate::workload::{Ledger, KIND, MAX_ATTEMPTS, QUEUE};
+use crate::settings::{KIND, MAX_ATTEMPTS, QUEUE};
 use std::collections::{BTreeMap, HashMap};
+use steward_workload::behaviour::TOKEN;
+use steward_workload::Ledger;
 use tokio_postgres::Client;
 
 pub const CRON_KIND: &str = "chaos.cron";
@@ -238,10 +240,10 @@ fn terminal(state: &str) -> bool {
 ///   one and only terminal transition: no double promotion, claim, rescue or retry;
 /// - its error entries are one per failed attempt: completed = attempts 1..n-1,
 ///   failed = 1..n with n = max_attempts, cancelled = a subset of 1..n;
-/// - each rescue is justified: `heartbeat_stale` only for a run whose worker crashed (or that
-///   no worker received), `deadline_expired` for a run that overran its timeout (or whose
-///   worker crashed), `callback_timeout` for a callback left unanswered (or whose worker
-///   crashed while parking it);
+/// - each rescue is justified: `heartbeat_stale` only for a run its worker gave up (a crash,
+///   heartbeats failing for the staleness, an outcome it could not write) or that no worker
+///   received, `deadline_expired` for a run that overran its timeout (or was given up),
+///   `callback_timeout` for a callback left unanswered (or a run given up while parking);
 /// - an acknowledged completion is never lost or doubled, an acknowledged final failure holds;
 /// - no live worker lost a run it had no reason to lose;
 /// - each cron fire made exactly one job, due at the fire time, and fires are one second apart.
@@ -302,7 +304,7 @@ pub async fn verify(client: &Client, ledger: &Ledger) -> Verified {
     // Enqueues: nothing lost, nothing made up, nothing doubled.
     let mut tokens: HashMap<u64, i64> = HashMap::new();
     for job in jobs.values().filter(|j| j.kind == KIND) {
-        match job.args.get("t").and_then(|t| t.as_u64()) {
+        match job.args.get(TOKEN).and_then(|t| t.as_u64()) {
             Some(token) => {
                 if let Some(other) = tokens.insert(token, job.id) {
                     problems.push(format!(

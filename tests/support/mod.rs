@@ -1,39 +1,22 @@
-//! Drives real `steward` processes for the end-to-end suites. Compiled into every suite; the
-//! few items some suites do not use carry their own `allow(dead_code)`. What only some suites
-//! need lives in modules of its own that those suites include by `#[path]`: `http.rs` (the
-//! HTTP endpoint), and the chaos suite's `audit.rs`, `network.rs`, `probes.rs`, `settings.rs`
-//! and `workload.rs`.
+//! Drives real `steward` processes for the end-to-end suites, through the driver the demo and
+//! the benchmarks use too ([`steward_workload::fleet`]). Compiled into every suite; the few
+//! items some suites do not use carry their own `allow(dead_code)`. What only some suites need
+//! lives in modules of its own that those suites include by `#[path]`: `http.rs` (the HTTP
+//! endpoint), and the chaos suite's `audit.rs`, `network.rs`, `probes.rs` and `settings.rs`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+use steward_workload::fleet::{Options, StewardProcess};
+
+pub use steward_workload::fleet::LogLine;
 
 pub const STEWARD: &str = env!("CARGO_BIN_EXE_steward");
 
-/// One JSON log line of a steward process, with the time it was written.
-#[derive(Debug, Clone)]
-pub struct LogLine {
-    #[allow(dead_code)] // not read by e2e_telemetry and e2e_tls
-    pub at: SystemTime,
-    pub json: serde_json::Value,
-}
-
-impl LogLine {
-    pub fn message(&self) -> &str {
-        self.json["fields"]["message"].as_str().unwrap_or_default()
-    }
-    #[allow(dead_code)] // not used by e2e_tls
-    pub fn field(&self, name: &str) -> Option<&serde_json::Value> {
-        self.json["fields"].get(name)
-    }
-}
-
-/// A running `steward` process whose stderr (JSON logs) is collected.
+/// A running `steward run` whose JSON log lines are collected; a test's failure to drive it
+/// panics, with its output.
 pub struct Steward {
-    pub child: Child,
-    logs: Arc<Mutex<Vec<LogLine>>>,
-    raw: Arc<Mutex<Vec<String>>>,
+    process: StewardProcess,
 }
 
 impl Steward {
@@ -42,52 +25,34 @@ impl Steward {
     }
 
     pub fn spawn_with_env(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> Steward {
-        let mut child = Command::new(STEWARD)
-            .arg("run")
-            .args(args)
-            .env("DATABASE_URL", database_url)
-            .env("STEWARD_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            // Several instances share this machine: each takes a free port (logged).
-            .env("STEWARD_METRICS_ADDR", "127.0.0.1:0")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning steward");
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let raw = Arc::new(Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let logs = logs.clone();
-            let raw = raw.clone();
-            move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    raw.lock().unwrap().push(line.clone());
-                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                        let at = json["timestamp"]
-                            .as_str()
-                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                            .map(SystemTime::from)
-                            .unwrap_or_else(SystemTime::now);
-                        logs.lock().unwrap().push(LogLine { at, json });
-                    }
-                }
-            }
-        });
-        Steward { child, logs, raw }
+        let options = Options {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Options::default()
+        };
+        let process = StewardProcess::spawn_with(Path::new(STEWARD), database_url, args, &options)
+            .unwrap_or_else(|e| panic!("spawning steward: {e}"));
+        Steward { process }
     }
 
+    #[allow(dead_code)] // not used by e2e_tls
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    #[allow(dead_code)] // used by chaos and e2e_leader only
     pub fn logs(&self) -> Vec<LogLine> {
-        self.logs.lock().unwrap().clone()
+        self.process.lines()
     }
 
     pub fn raw_output(&self) -> String {
-        self.raw.lock().unwrap().join("\n")
+        self.process.raw_output()
     }
 
     pub fn find(&self, message: &str) -> Option<LogLine> {
-        self.logs().into_iter().find(|l| l.message() == message)
+        self.process.find_message(message)
     }
 
     /// Waits (generously) for a log line with this message.
@@ -108,35 +73,24 @@ impl Steward {
 
     #[allow(dead_code)] // not used by e2e_tls
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.process
+            .signal(signal)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The exit status, if the process has exited.
+    #[allow(dead_code)] // used by chaos only
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.process.try_wait()
     }
 
     /// Waits for the process to exit and returns its exit code.
     #[allow(dead_code)] // not used by e2e_tls
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "steward did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        match self.process.wait_exit_blocking(within) {
+            Some(status) => status.code(),
+            None => panic!("steward did not exit within {within:?}"),
         }
-    }
-}
-
-impl Drop for Steward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,17 +1,14 @@
 //! Reading what Steward processes and the database show: log lines, metrics, /leader, RSS,
 //! sessions, and waiting for them (or for the chaos queue to drain).
 
+use crate::settings::QUEUE;
 use crate::support::{LogLine, Steward};
-use crate::workload::QUEUE;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
-pub const ACQUIRED: &str = "leadership acquired";
-pub const STANDING_BY: &str = "standing by for leadership";
-pub const FIRST_PASS: &str = "first branch pass of the term";
-pub const LOST: &str = "leadership lost; back to standby";
-pub const WEDGE_TAKEOVER: &str =
-    "the leader has made no progress; ending its sessions to take over";
+pub use steward_workload::fleet::{
+    rss_kib, ACQUIRED, FIRST_PASS, LOST, STANDING_BY, WEDGE_TAKEOVER,
+};
 pub const BRANCH_RUNS: &str = "steward_maintenance_branch_runs_total";
 
 /// Waits until every job of the chaos queue is finished and stays so for 2 s (cron fires
@@ -159,15 +156,6 @@ pub fn leader_view(s: &Steward) -> (bool, String) {
         json["leader"].as_bool().unwrap_or(false),
         json["instance"].as_str().unwrap_or_default().to_owned(),
     )
-}
-
-/// Resident set size of a process, KiB (VmRSS).
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Steward sessions connected to the current database.

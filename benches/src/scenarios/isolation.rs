@@ -11,7 +11,6 @@ use crate::injected::InjectedDelay;
 use crate::leader::Leader;
 use crate::recorder::{BranchStats, Recorder, Snapshot};
 use crate::report::{opt, ratio_cell, table, Target};
-use crate::workload::{Workload, WorkloadConfig, WorkloadStats};
 use anyhow::Context;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -22,6 +21,8 @@ use std::time::{Duration, Instant};
 use steward_branches::cleanup::RetentionOverride;
 use steward_branches::{Branch, BranchesConfig};
 use steward_leader::{LeaderSettings, LoopMode};
+use steward_worker::WorkerSettings;
+use steward_workload::{Behaviour, Stats as WorkloadStats, Timings, Workload, WorkloadConfig};
 use tokio_util::sync::CancellationToken;
 
 pub const QUEUE: &str = "bench";
@@ -460,14 +461,41 @@ async fn run_mode(
     config: &BranchesConfig,
     mode: LoopMode,
 ) -> anyhow::Result<(ModeResult, Snapshot)> {
+    // Due uniformly over the horizon; a few first attempts misbehave so that every rescue
+    // branch has work: 2% slow (held 1 s), 1% crash, 1% overrun a 200 ms run timeout (blocked
+    // 1 s), 1% parked on a callback nobody answers (300 ms). Normal jobs complete when claimed.
     let workload_config = WorkloadConfig {
         queue: QUEUE.to_owned(),
+        kind: "bench.work".to_owned(),
         rate: s.rate,
-        horizon: s.horizon,
         producers: 1,
+        mix: vec![
+            (Behaviour::Slow, 2),
+            (Behaviour::Crash, 1),
+            (Behaviour::Overrun, 1),
+            (Behaviour::Unanswered, 1),
+        ],
+        scheduled_percent: 100,
+        due_in: (Duration::ZERO, s.horizon),
+        max_attempts: 5,
         workers: params.workers,
-        claim_batch: 50,
-        misbehave: true,
+        concurrency: 50,
+        worker: WorkerSettings {
+            heartbeat_interval: Duration::from_millis(500),
+            claim_batch: 50,
+            poll_interval: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(1),
+            ..WorkerSettings::default()
+        },
+        timings: Timings {
+            work: (Duration::ZERO, Duration::ZERO),
+            slow_for: Duration::from_secs(1),
+            overrun_timeout: Duration::from_millis(200),
+            overrun_by: Duration::from_millis(800),
+            unanswered_timeout: Duration::from_millis(300),
+            ..Timings::default()
+        },
+        ..WorkloadConfig::default()
     };
     let queue = db.queue(params.workers + 4, "steward-bench:workload")?;
     Workload::prefill(&queue, &workload_config).await?;
@@ -486,7 +514,7 @@ async fn run_mode(
     };
     let recorder = Arc::new(Recorder::default());
     let leader = Leader::start(&db.url, &db.schema, settings, branches, recorder.clone()).await?;
-    let workload = Workload::start(queue, workload_config);
+    let workload = Workload::start(queue, &db.target()?, workload_config).await?;
     let refill_stop = CancellationToken::new();
     let refilled = Arc::new(AtomicU64::new(0));
     let refill_task = if s.refill && s.backlog_rows > 0 {
@@ -511,7 +539,7 @@ async fn run_mode(
     if let Some(task) = refill_task {
         let _ = task.await;
     }
-    let workload = workload.stop().await;
+    let workload = workload.stop().await.stats();
     leader.stop().await?;
 
     let branches: Vec<BranchNumbers> = snapshot
@@ -683,7 +711,7 @@ pub fn render(r: &IsolationResult) -> String {
             m.workload.completed,
             m.workload.crashed,
             m.workload.overran,
-            m.workload.parked_for_callback,
+            m.workload.parked,
             m.backlog_refilled_rows,
             m.workload.errors
         );

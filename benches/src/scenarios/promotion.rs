@@ -8,13 +8,14 @@ use crate::hist::{Hist, Quantiles};
 use crate::leader::Leader;
 use crate::recorder::Recorder;
 use crate::report::{num, opt, table, Target};
-use crate::workload::{Workload, WorkloadConfig, WorkloadStats};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::BranchesConfig;
 use steward_leader::LeaderSettings;
+use steward_worker::WorkerSettings;
+use steward_workload::{Stats as WorkloadStats, Timings, Workload, WorkloadConfig};
 
 const QUEUE: &str = "bench";
 
@@ -58,14 +59,30 @@ async fn run_on(
     s: &Settings,
 ) -> anyhow::Result<(PromotionResult, Hist, Vec<Target>)> {
     let (producers, workers) = (2, 4);
+    // Well-behaved jobs, completed as soon as they are claimed, due uniformly over the
+    // horizon; workers heartbeat every 500 ms and claim up to 100 at a time.
     let config = WorkloadConfig {
         queue: QUEUE.to_owned(),
+        kind: "bench.work".to_owned(),
         rate: s.rate,
-        horizon: s.horizon,
         producers,
+        scheduled_percent: 100,
+        due_in: (Duration::ZERO, s.horizon),
+        max_attempts: 5,
         workers,
-        claim_batch: 100,
-        misbehave: false,
+        concurrency: 100,
+        worker: WorkerSettings {
+            heartbeat_interval: Duration::from_millis(500),
+            claim_batch: 100,
+            poll_interval: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(1),
+            ..WorkerSettings::default()
+        },
+        timings: Timings {
+            work: (Duration::ZERO, Duration::ZERO),
+            ..Timings::default()
+        },
+        ..WorkloadConfig::default()
     };
     let recorder = Arc::new(Recorder::default());
     let leader = Leader::start(
@@ -93,7 +110,7 @@ async fn run_on(
         s.window.as_secs_f64()
     ));
     let started = Instant::now();
-    let workload = Workload::start(queue, config);
+    let workload = Workload::start(queue, &db.target()?, config).await?;
     tokio::time::sleep(s.warmup).await;
     recorder.start();
     let window_started = Instant::now();
@@ -101,7 +118,7 @@ async fn run_on(
     let snapshot = recorder.stop();
     let window_s = window_started.elapsed().as_secs_f64();
     let achieved_rate = workload.enqueued() as f64 / started.elapsed().as_secs_f64();
-    let workload = workload.stop().await;
+    let workload = workload.stop().await.stats();
     leader.stop().await?;
 
     let promote = snapshot

@@ -1,4 +1,4 @@
-//! A PostgreSQL server for development, tests and `steward demo`.
+//! A PostgreSQL server for development, tests and the demo (`steward-demo`).
 //!
 //! [`ensure_server`] uses `DATABASE_URL` when set, otherwise a server answering on
 //! 127.0.0.1:5432, otherwise starts a throwaway cluster with the installed PostgreSQL binaries

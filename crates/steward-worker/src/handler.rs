@@ -32,6 +32,8 @@ pub struct JobContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) queue: Queue,
     pub(crate) parked: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when a test crashes the run (fault injection): nothing is written for it.
+    pub(crate) crashed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl JobContext {
@@ -59,6 +61,18 @@ impl JobContext {
         let id = self.queue.wait_for_callback(self.lease, timeout).await?;
         self.parked.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(id)
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl JobContext {
+    /// Fault injection for tests: the run is dropped as a crashed process would drop it. Its
+    /// heartbeats stop, nothing is written whatever the handler returns, and the handler is
+    /// cancelled; the leader rescues the run after the staleness.
+    pub fn crash(&self) {
+        self.crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancel.cancel();
     }
 }
 

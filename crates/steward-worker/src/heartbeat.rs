@@ -32,16 +32,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The runs this worker holds: each lease with the token that cancels its job.
+/// A run this worker holds: the token that cancels its job, and whether a test crashed it.
+pub(crate) struct Held {
+    cancel: CancellationToken,
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    crashed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The runs this worker holds.
 #[derive(Default)]
-pub(crate) struct Leases(Mutex<HashMap<Lease, CancellationToken>>);
+pub(crate) struct Leases(Mutex<HashMap<Lease, Held>>);
 
 impl Leases {
     /// Registers a run; it is renewed until the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, lease: Lease, cancel: CancellationToken) -> LeaseGuard {
+    pub fn register(
+        self: &Arc<Self>,
+        lease: Lease,
+        cancel: CancellationToken,
+        crashed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> LeaseGuard {
         let count = {
             let mut leases = lock(&self.0);
-            leases.insert(lease, cancel);
+            leases.insert(lease, Held { cancel, crashed });
             leases.len()
         };
         metrics::gauge!(names::LEASES).set(count as f64);
@@ -57,7 +69,7 @@ impl Leases {
 
     /// The database refused `lease`: cancel its job, which stops renewing it.
     fn lose(&self, lease: Lease) {
-        if let Some(cancel) = lock(&self.0).remove(&lease) {
+        if let Some(Held { cancel, .. }) = lock(&self.0).remove(&lease) {
             tracing::warn!(
                 job_id = lease.job_id,
                 run_lease = lease.run_lease,
@@ -71,8 +83,20 @@ impl Leases {
     /// Cancels every job (the worker can no longer vouch for them).
     pub fn cancel_all(&self) -> usize {
         let leases = lock(&self.0);
-        leases.values().for_each(CancellationToken::cancel);
+        leases.values().for_each(|held| held.cancel.cancel());
         leases.len()
+    }
+
+    /// Crashes every run held now (fault injection): see `JobContext::crash`.
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_all(&self) -> Vec<Lease> {
+        let leases = lock(&self.0);
+        for held in leases.values() {
+            held.crashed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            held.cancel.cancel();
+        }
+        leases.keys().copied().collect()
     }
 
     fn len(&self) -> usize {

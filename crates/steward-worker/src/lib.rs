@@ -37,6 +37,7 @@ mod writer;
 
 pub use handler::{Done, JobContext, JobError};
 pub use steward_queue::ClaimedJob as Job;
+pub use steward_queue::Lease;
 
 use chrono::Utc;
 use futures_util::FutureExt;
@@ -49,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use steward_connection::Target;
-use steward_queue::{available_channel, Failure, Lease, Queue, RetryPolicy};
+use steward_queue::{available_channel, Failure, Queue, RetryPolicy};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -129,11 +130,57 @@ pub struct ShutdownReport {
     pub released: usize,
 }
 
+/// How one run ended for the worker, once its outcome was written (or could not be). The
+/// label of [`names::JOBS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Completed: the database accepted the completion.
+    Completed,
+    /// The attempt failed and the job will run again.
+    Retried,
+    /// The job failed for good.
+    Failed,
+    Snoozed,
+    /// Parked on a callback; the run is no longer this worker's.
+    Parked,
+    /// The database refused the outcome (or the heartbeat): the lease was lost to a rescue, a
+    /// cancellation or another claim.
+    Refused,
+    /// Handed back at shutdown, after the grace period.
+    Released,
+    /// Given up without a word to the database: heartbeats failed for the staleness (the
+    /// watchdog), or a test crashed the run. The leader rescues it.
+    Abandoned,
+    /// The outcome could not be written (the database was unreachable); the leader rescues
+    /// the run.
+    Unwritten,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Retried => "retried",
+            Outcome::Failed => "failed",
+            Outcome::Snoozed => "snoozed",
+            Outcome::Parked => "parked",
+            Outcome::Refused => "refused",
+            Outcome::Released => "released",
+            Outcome::Abandoned => "abandoned",
+            Outcome::Unwritten => "unwritten",
+        }
+    }
+}
+
+/// Told each run's outcome, after it is written: for an application's own books or logs.
+type OnOutcome = Arc<dyn Fn(Lease, Outcome) + Send + Sync>;
+
 pub struct WorkerBuilder {
     target: Target,
     queues: Vec<(String, usize)>,
     handlers: HashMap<String, Arc<dyn Handler>>,
     settings: WorkerSettings,
+    on_outcome: Option<OnOutcome>,
 }
 
 impl WorkerBuilder {
@@ -156,6 +203,16 @@ impl WorkerBuilder {
 
     pub fn settings(mut self, settings: WorkerSettings) -> Self {
         self.settings = settings;
+        self
+    }
+
+    /// Calls `observe` with every run's [`Outcome`] once it is known (after the write), from
+    /// the run's own task: keep it quick.
+    pub fn on_outcome<F>(mut self, observe: F) -> Self
+    where
+        F: Fn(Lease, Outcome) + Send + Sync + 'static,
+    {
+        self.on_outcome = Some(Arc::new(observe));
         self
     }
 
@@ -233,6 +290,7 @@ impl WorkerBuilder {
             jobs: TaskTracker::new(),
             hard_stop: AtomicBool::new(false),
             claims: std::sync::atomic::AtomicU64::new(0),
+            on_outcome: self.on_outcome,
         });
         let mut tasks = vec![writer_task];
         tasks.push(tokio::spawn(heartbeat::supervise(
@@ -304,6 +362,7 @@ struct Shared {
     hard_stop: AtomicBool,
     /// Claim statements that have returned, over all queues.
     claims: std::sync::atomic::AtomicU64,
+    on_outcome: Option<OnOutcome>,
 }
 
 impl Worker {
@@ -313,6 +372,7 @@ impl Worker {
             queues: Vec::new(),
             handlers: HashMap::new(),
             settings: WorkerSettings::default(),
+            on_outcome: None,
         }
     }
 
@@ -357,6 +417,15 @@ impl Worker {
     #[cfg(feature = "fault-injection")]
     pub fn faults(&self) -> &Faults {
         &self.shared.heartbeats.faults
+    }
+
+    /// Fault injection for tests: every run this worker holds is dropped as a crashed
+    /// process would drop it (no more heartbeats, no outcome written; [`Outcome::Abandoned`]),
+    /// and the worker goes on claiming, as the process that replaces it would. Returns the
+    /// runs crashed.
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_runs(&self) -> Vec<Lease> {
+        self.shared.leases.crash_all()
     }
 
     /// Stops claiming, lets running jobs finish within the grace period (their heartbeats go
@@ -565,8 +634,13 @@ impl Claimer {
         let shared = self.shared.clone();
         let queue = self.queue.clone();
         self.shared.jobs.spawn(async move {
+            let lease = job.lease;
             let outcome = run_job(&shared, job).await;
-            metrics::counter!(names::JOBS, "queue" => queue, "outcome" => outcome).increment(1);
+            metrics::counter!(names::JOBS, "queue" => queue, "outcome" => outcome.as_str())
+                .increment(1);
+            if let Some(observe) = &shared.on_outcome {
+                observe(lease, outcome);
+            }
             drop(permit);
         });
     }
@@ -581,11 +655,14 @@ enum Ran {
     Cancelled,
 }
 
-/// Runs one job to its written outcome; returns the outcome's label.
-async fn run_job(shared: &Shared, job: Job) -> &'static str {
+/// Runs one job to its written outcome.
+async fn run_job(shared: &Shared, job: Job) -> Outcome {
     let lease = job.lease;
     let cancel = CancellationToken::new();
-    let _registered = shared.leases.register(lease, cancel.clone());
+    let crashed = Arc::new(AtomicBool::new(false));
+    let _registered = shared
+        .leases
+        .register(lease, cancel.clone(), crashed.clone());
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
         // Claims filter by kind, so this is a bug; fail the attempt rather than hold the run.
         return finish_failed(shared, lease, "no handler for this kind", "error").await;
@@ -595,6 +672,7 @@ async fn run_job(shared: &Shared, job: Job) -> &'static str {
         cancel: cancel.clone(),
         queue: shared.queue.clone(),
         parked: Arc::new(AtomicBool::new(false)),
+        crashed: crashed.clone(),
     };
     let parked = ctx.parked.clone();
     let time_left = job
@@ -614,19 +692,23 @@ async fn run_job(shared: &Shared, job: Job) -> &'static str {
     };
     metrics::histogram!(names::JOB_DURATION, "queue" => queue)
         .record(started.elapsed().as_secs_f64());
+    // A crashed run (fault injection) writes nothing, whatever its handler got to.
+    if crashed.load(Ordering::SeqCst) {
+        return Outcome::Abandoned;
+    }
     match ran {
         Ran::Done(Done::Complete) => match shared.writer.complete(lease).await {
-            Ok(Written::Completed) => "completed",
+            Ok(Written::Completed) => Outcome::Completed,
             Ok(_) => refused(lease),
             Err(error) => write_failed(lease, &error),
         },
         Ran::Done(Done::Fail(error)) => finish(shared, lease, error, "error", true).await,
         Ran::Done(Done::Snooze(delay)) => match shared.queue.snooze(lease, delay).await {
-            Ok(_) => "snoozed",
+            Ok(_) => Outcome::Snoozed,
             Err(steward_queue::QueueError::LeaseLost { .. }) => refused(lease),
             Err(error) => write_failed(lease, &error.to_string()),
         },
-        Ran::Done(Done::Parked) if parked.load(Ordering::SeqCst) => "parked",
+        Ran::Done(Done::Parked) if parked.load(Ordering::SeqCst) => Outcome::Parked,
         Ran::Done(Done::Parked) => {
             finish_failed(
                 shared,
@@ -657,12 +739,12 @@ async fn run_job(shared: &Shared, job: Job) -> &'static str {
             )
             .await
         }
-        Ran::Cancelled if shared.hard_stop.load(Ordering::SeqCst) => "released",
-        Ran::Cancelled if parked.load(Ordering::SeqCst) => "parked",
+        Ran::Cancelled if shared.hard_stop.load(Ordering::SeqCst) => Outcome::Released,
+        Ran::Cancelled if parked.load(Ordering::SeqCst) => Outcome::Parked,
         Ran::Cancelled if shared.heartbeats.age() >= shared.heartbeats.timing.staleness => {
-            "abandoned"
+            Outcome::Abandoned
         }
-        Ran::Cancelled => "refused",
+        Ran::Cancelled => Outcome::Refused,
     }
 }
 
@@ -678,7 +760,7 @@ async fn finish_failed(
     lease: Lease,
     error: &str,
     reason: &'static str,
-) -> &'static str {
+) -> Outcome {
     finish(shared, lease, error.to_owned(), reason, false).await
 }
 
@@ -688,7 +770,7 @@ async fn finish(
     error: String,
     reason: &'static str,
     permanent: bool,
-) -> &'static str {
+) -> Outcome {
     let failure = Failure {
         lease,
         error,
@@ -696,25 +778,25 @@ async fn finish(
         permanent,
     };
     match shared.writer.fail(failure).await {
-        Ok(Written::Failed(steward_queue::FailOutcome::Failed)) => "failed",
-        Ok(Written::Failed(_)) => "retried",
+        Ok(Written::Failed(steward_queue::FailOutcome::Failed)) => Outcome::Failed,
+        Ok(Written::Failed(_)) => Outcome::Retried,
         Ok(_) => refused(lease),
         Err(error) => write_failed(lease, &error),
     }
 }
 
-fn refused(lease: Lease) -> &'static str {
+fn refused(lease: Lease) -> Outcome {
     tracing::warn!(
         job_id = lease.job_id,
         run_lease = lease.run_lease,
         "the run's outcome was refused: its lease was lost (rescued, cancelled or claimed again)"
     );
-    "refused"
+    Outcome::Refused
 }
 
-fn write_failed(lease: Lease, error: &str) -> &'static str {
+fn write_failed(lease: Lease, error: &str) -> Outcome {
     tracing::error!(job_id = lease.job_id, %error, "could not write the run's outcome; it will be rescued");
-    "unwritten"
+    Outcome::Unwritten
 }
 
 fn instance_name() -> String {

@@ -14,7 +14,8 @@ pub const LEASES_LOST: &str = "steward_worker_leases_lost_total";
 /// 1 while claims are paused because heartbeats fail (gauge).
 pub const CLAIMS_PAUSED: &str = "steward_worker_claims_paused";
 /// Finished runs, labels `queue` and `outcome`: completed, retried, failed, snoozed, parked,
-/// refused (the lease was lost), released (handed back at shutdown), abandoned (counter).
+/// refused (the lease was lost), released (handed back at shutdown), abandoned, unwritten
+/// (see `Outcome`) (counter).
 pub const JOBS: &str = "steward_worker_jobs_total";
 /// Seconds a handler ran, label `queue` (histogram).
 pub const JOB_DURATION: &str = "steward_worker_job_duration_seconds";

@@ -1,7 +1,6 @@
 //! `steward`: the maintenance leader for a Postgres job queue.
 
 mod config;
-mod demo;
 mod jobs;
 mod run;
 mod status;
@@ -119,8 +118,6 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Run Steward end to end on this machine: Postgres (started if needed), a workload, a summary.
-    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,8 +180,6 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     // `run` sets up its own telemetry (metrics, traces, logs).
     match cli.command {
         Command::Run(_) => {}
-        // The demo prints its own report; library logs would interleave with it.
-        Command::Demo(_) => init_logging(LogFormat::Human, "warn"),
         // The commands print what they did; the driver's and the migration library's chatter
         // (server NOTICEs, "applying migration") stays out unless RUST_LOG asks for it.
         _ => init_logging(
@@ -238,7 +233,6 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                  with `ALTER ROLE {role} LOGIN PASSWORD '...'` or `GRANT {role} TO <login role>`"
             );
         }
-        Command::Demo(args) => demo::run(args).await?,
         Command::Status { db, json, watch } => {
             let read = || async {
                 let target = db.target(&db.load_config(&[])?)?;

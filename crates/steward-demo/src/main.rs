@@ -1,33 +1,35 @@
-//! `steward demo`: Steward's whole job on one machine, with real processes.
+//! `steward-demo`: Steward's whole job on one machine, with real processes.
 //!
 //! PostgreSQL is found or started ([`steward_devdb::ensure_server`]); a fresh database gets the
-//! schema and a cron schedule; two `steward run` processes of this binary stand for election
-//! (a leader and a standby); a synthetic workload with misbehaving jobs runs against the queue;
-//! halfway through the leader is SIGKILLed and the takeover is timed; a live table shows the
-//! branches at work; a summary closes, and the exit code says whether all of it happened.
+//! schema and a cron schedule; two `steward run` processes stand for election (a leader and a
+//! standby); the shared synthetic workload ([`steward_workload`]) with misbehaving jobs runs
+//! against the queue on `steward-worker` workers; halfway through the leader is SIGKILLed and
+//! the takeover is timed; a live table shows the branches at work; a summary closes, and the
+//! exit code says whether all of it happened.
 //!
-//! Modules: [`workload`] (producer and workers), [`procs`] (the steward processes),
-//! [`monitor`] (what is read back from the database), [`display`] (the live view) and
-//! [`summary`] (the final report and its checks).
+//! Modules: [`fleet`] (the steward processes), [`monitor`] (what is read back from the
+//! database), [`display`] (the live view) and [`summary`] (the final report and its checks).
 
 mod display;
+mod fleet;
 mod monitor;
-mod procs;
 mod summary;
-mod workload;
 
 use anyhow::Context;
+use clap::Parser;
 use display::{Display, Frame};
+use fleet::Fleet;
 use monitor::{LeaderRow, Monitor};
-use procs::Fleet;
 use std::path::PathBuf;
 use std::time::Duration;
 use steward_connection::{SchemaName, Target};
 use steward_queue::Queue;
+use steward_worker::WorkerSettings;
+use steward_workload::fleet::STANDING_BY;
+use steward_workload::{Behaviour, Stats, Timings, Workload, WorkloadConfig};
 use summary::Takeover;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{sleep_until, Instant, MissedTickBehavior};
-use workload::{StatsSnapshot, Workload};
 
 const DATABASE: &str = "steward_demo";
 const DEFAULT_DURATION: Duration = Duration::from_secs(40);
@@ -40,6 +42,20 @@ const CRON_SCHEDULE: &str = "demo-every-2s";
 /// Six fields, seconds first (see `steward_branches::cron_sync::parse_schedule`).
 const CRON_EXPRESSION: &str = "*/2 * * * * *";
 const CRON_KIND: &str = "demo.cron";
+const QUEUE: &str = "default";
+const KIND: &str = "demo.work";
+/// Small, so that jobs that keep misbehaving end up `failed`.
+const MAX_ATTEMPTS: i32 = 3;
+const WORKERS: usize = 4;
+/// Every misbehaviour of the demo with its share of the jobs in percent.
+const MISBEHAVING: [(Behaviour, u32); 6] = [
+    (Behaviour::Crash, 3),
+    (Behaviour::Overrun, 3),
+    (Behaviour::Unanswered, 3),
+    (Behaviour::Answered, 3),
+    (Behaviour::Flaky, 5),
+    (Behaviour::Doomed, 1),
+];
 
 /// `--set` overrides for the demo's steward processes: everything happens within seconds
 /// instead of minutes. Checked against the configuration before anything starts.
@@ -67,7 +83,10 @@ const SETTINGS: &[&str] = &[
     "branches.rotate_archive.interval=30s",
 ];
 
-#[derive(clap::Args, Debug)]
+/// Steward's job end to end on this machine: PostgreSQL (found or started), a leader and a
+/// standby, a misbehaving workload, a SIGKILL of the leader, and a summary.
+#[derive(Parser, Debug)]
+#[command(name = "steward-demo", version)]
 pub struct DemoArgs {
     /// How long the workload runs, e.g. 40s, 2m or 90 (seconds) [default: 40s].
     #[arg(long, value_parser = parse_duration, conflicts_with = "quick")]
@@ -81,6 +100,9 @@ pub struct DemoArgs {
     /// Keep the steward_demo database afterwards (it is dropped otherwise).
     #[arg(long)]
     keep: bool,
+    /// The steward binary to run [default: built with cargo beside this one].
+    #[arg(long, env = "STEWARD_BIN")]
+    steward_bin: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -125,7 +147,65 @@ impl Interrupt {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// The demo's workload: 4 workers of 200 runs each, heartbeating every second (a third of the
+/// 3 s staleness), jobs due 0-3 s after their enqueue.
+fn workload_config(rate: f64) -> WorkloadConfig {
+    WorkloadConfig {
+        queue: QUEUE.to_owned(),
+        kind: KIND.to_owned(),
+        other_kinds: vec![CRON_KIND.to_owned()],
+        rate,
+        producers: 1,
+        mix: MISBEHAVING.to_vec(),
+        every_misbehaviour_each_second: true,
+        scheduled_percent: 100,
+        due_in: (Duration::ZERO, Duration::from_secs(3)),
+        healthy_timeout: None,
+        max_attempts: MAX_ATTEMPTS,
+        workers: WORKERS,
+        concurrency: 200,
+        worker: WorkerSettings {
+            heartbeat_interval: Duration::from_secs(1),
+            assumed_staleness: Duration::from_secs(3),
+            claim_batch: 50,
+            poll_interval: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(1),
+            ..WorkerSettings::default()
+        },
+        crash_worker: false,
+        keep_books: false,
+        timings: Timings {
+            work: (Duration::from_millis(20), Duration::from_millis(200)),
+            overrun_timeout: Duration::from_millis(500),
+            overrun_by: Duration::from_millis(1500),
+            unanswered_timeout: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(1),
+            answer_after: Duration::from_millis(200),
+            ..Timings::default()
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // The demo prints its own report; library logs would interleave with it. The workers'
+    // warnings (outcomes refused after a rescue) are the demo working as meant.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,steward_worker=error".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(DemoArgs::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.unwrap_or(if args.quick {
         QUICK_DURATION
     } else {
@@ -139,12 +219,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.rate.is_finite() && args.rate > 0.0,
         "--rate must be a positive number of jobs per second"
     );
-    let settings: Vec<String> = SETTINGS.iter().map(|s| (*s).to_owned()).collect();
-    crate::config::load(None, &settings)
-        .context("the demo's settings for `steward run` no longer fit its configuration")?;
+    // The settings themselves are checked by the first `steward run`: one that refuses them
+    // exits at once, and the demo shows its log.
     steward_branches::cron_sync::parse_schedule(CRON_EXPRESSION, "UTC")
         .map_err(|bad| anyhow::anyhow!("the demo's cron schedule: {bad}"))?;
     let mut interrupt = Interrupt::install()?;
+    let bin = steward_workload::fleet::steward_binary(args.steward_bin.clone(), |line| {
+        println!("{line}")
+    })?;
 
     let server = steward_devdb::ensure_server()
         .await
@@ -173,10 +255,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         log_dir.display()
     ));
     say(format!(
-        "workload: {} jobs/s for {:.0} s, 4 workers; misbehaving: {}",
+        "workload: {} jobs/s for {:.0} s, {WORKERS} steward-worker workers; misbehaving: {}",
         args.rate,
         duration.as_secs_f64(),
-        workload::Behaviour::MISBEHAVING
+        MISBEHAVING
             .iter()
             .map(|(b, share)| format!("{share}% {}", b.name()))
             .collect::<Vec<_>>()
@@ -188,17 +270,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
          after 10 s, cron {CRON_EXPRESSION:?}; full command in {}",
         command.display()
     ));
-    write_command(&command, &url, &schema)?;
+    write_command(&command, &bin, &url, &schema)?;
 
     let mut monitor = Monitor::connect(&target).await?;
-    let queue = Queue::new(target.pool(16).context("creating the workload's pool")?);
-    let mut fleet = Fleet::new(&url, schema.as_str(), SETTINGS, &log_dir)?;
+    let mut fleet = Fleet::new(&bin, &url, schema.as_str(), SETTINGS, &log_dir);
     let driven = drive(
         duration,
         args.rate,
         &mut fleet,
         &mut monitor,
-        &queue,
+        &target,
         header,
         &mut interrupt,
     )
@@ -241,7 +322,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     problems.extend(driven.problems);
     drop(monitor);
-    drop(queue);
 
     if server.is_throwaway() {
         if args.keep {
@@ -281,7 +361,7 @@ struct Driven {
     interrupted: bool,
     takeover: Option<Takeover>,
     problems: Vec<String>,
-    workload: StatsSnapshot,
+    workload: Stats,
 }
 
 /// Elects the first leader, starts the standby and the workload, kills the leader halfway,
@@ -291,7 +371,7 @@ async fn drive(
     rate: f64,
     fleet: &mut Fleet,
     monitor: &mut Monitor,
-    queue: &Queue,
+    target: &Target,
     mut header: Vec<String>,
     interrupt: &mut Interrupt,
 ) -> anyhow::Result<Driven> {
@@ -304,17 +384,10 @@ async fn drive(
         interrupted: true,
         takeover: None,
         problems,
-        workload: StatsSnapshot::default(),
+        workload: Stats::default(),
     };
 
     let first = fleet.spawn("steward-1")?;
-    monitor.watch_log(
-        first,
-        fleet
-            .by_pid(first)
-            .map(|p| p.log.clone())
-            .unwrap_or_default(),
-    );
     let elected = tokio::select! {
         elected = wait_for_leader(monitor, fleet, Duration::from_secs(30)) => elected?,
         _ = interrupt.recv() => return Ok(stopped_early(Vec::new())),
@@ -333,19 +406,8 @@ async fn drive(
         metrics_of(fleet, "steward-1")
     ));
     let second = fleet.spawn("steward-2")?;
-    monitor.watch_log(
-        second,
-        fleet
-            .by_pid(second)
-            .map(|p| p.log.clone())
-            .unwrap_or_default(),
-    );
-    let log = fleet
-        .by_label("steward-2")
-        .map(|p| p.log.clone())
-        .unwrap_or_default();
     let standing_by = tokio::select! {
-        seen = procs::wait_for_log(&log, "standing by for leadership", Duration::from_secs(15)) => seen,
+        seen = fleet.wait_for_message("steward-2", STANDING_BY, Duration::from_secs(15)) => seen,
         _ = interrupt.recv() => return Ok(stopped_early(Vec::new())),
     };
     say(if standing_by {
@@ -362,7 +424,10 @@ async fn drive(
     });
 
     let mut display = Display::new(header);
-    let workload = Workload::start(queue, rate);
+    let queue = Queue::new(target.pool(16).context("creating the workload's pool")?);
+    let workload = Workload::start(queue, target, workload_config(rate))
+        .await
+        .context("starting the workload")?;
     let started = Instant::now();
     let end = started + duration;
     let kill_at = started + duration / 2;
@@ -401,7 +466,6 @@ async fn drive(
                 restart_at = None;
                 match fleet.spawn("steward-3") {
                     Ok(pid) => {
-                        monitor.watch_log(pid, fleet.by_pid(pid).map(|p| p.log.clone()).unwrap_or_default());
                         display.event(
                         started.elapsed(),
                         format!("restarted the killed instance as steward-3 (pid {pid}), a new standby"),
@@ -419,6 +483,11 @@ async fn drive(
                     }
                     break;
                 }
+                for proc in fleet.procs() {
+                    if let Some(addr) = proc.process.metrics_addr() {
+                        monitor.metrics_addr(proc.pid, addr);
+                    }
+                }
                 let snapshot = monitor.sample().await?;
                 let stats = workload.stats();
                 display.draw(&Frame {
@@ -432,7 +501,7 @@ async fn drive(
         }
     }
     let elapsed = started.elapsed();
-    let workload = workload.stop().await;
+    let workload = workload.stop().await.stats();
     display.event(elapsed, "workload stopped; stopping the steward processes");
     Ok(Driven {
         elapsed,
@@ -492,7 +561,7 @@ async fn kill_leader(
         ),
     );
     let sent = Instant::now();
-    fleet.kill(pid).await?;
+    fleet.kill(pid)?;
     let after = loop {
         let now = monitor.leader().await?;
         if now.epoch != before.epoch && now.leading() {
@@ -520,7 +589,7 @@ async fn kill_leader(
 fn metrics_of(fleet: &Fleet, label: &str) -> String {
     fleet
         .by_label(label)
-        .and_then(|p| procs::metrics_addr(&p.log))
+        .and_then(|p| p.process.metrics_addr())
         .map(|addr| format!("; metrics on http://{addr}/metrics"))
         .unwrap_or_default()
 }
@@ -556,7 +625,7 @@ fn print_logs(fleet: &Fleet, all: bool) {
             proc.fate_text(),
             proc.log.display()
         );
-        for line in procs::tail(&proc.log, 15) {
+        for line in proc.tail(15) {
             println!("   {line}");
         }
     }
@@ -572,8 +641,8 @@ async fn add_cron_schedule(client: &tokio_postgres::Client) -> anyhow::Result<()
                 &CRON_SCHEDULE,
                 &CRON_EXPRESSION,
                 &CRON_KIND,
-                &serde_json::json!({ "behave": workload::Behaviour::Normal.name() }),
-                &workload::MAX_ATTEMPTS,
+                &serde_json::json!({ steward_workload::behaviour::ARG: Behaviour::Normal.name() }),
+                &MAX_ATTEMPTS,
             ],
         )
         .await
@@ -582,8 +651,12 @@ async fn add_cron_schedule(client: &tokio_postgres::Client) -> anyhow::Result<()
 }
 
 /// Writes how the demo starts `steward run`, to repeat or vary it by hand.
-fn write_command(path: &std::path::Path, url: &str, schema: &SchemaName) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the steward binary")?;
+fn write_command(
+    path: &std::path::Path,
+    exe: &std::path::Path,
+    url: &str,
+    schema: &SchemaName,
+) -> anyhow::Result<()> {
     let mut text = format!(
         "DATABASE_URL='{}' STEWARD_SCHEMA={schema} STEWARD_LOG_FORMAT=json \\\n  \
          STEWARD_METRICS_ADDR=127.0.0.1:0 {} run",
@@ -698,17 +771,16 @@ mod tests {
     }
 
     #[test]
-    fn the_settings_fit_the_configuration() {
-        let settings: Vec<String> = SETTINGS.iter().map(|s| (*s).to_owned()).collect();
-        let config = crate::config::load(None, &settings).unwrap();
-        assert_eq!(
-            config.branches.rescue_stale_heartbeats.staleness,
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            config.branches.cleanup.retention.completed,
-            Duration::from_secs(10)
-        );
+    fn the_cron_schedule_parses_and_the_mix_leaves_room_for_normal_jobs() {
         steward_branches::cron_sync::parse_schedule(CRON_EXPRESSION, "UTC").unwrap();
+        let shares: u32 = MISBEHAVING.iter().map(|(_, share)| share).sum();
+        assert!(shares < 100);
+    }
+
+    #[test]
+    fn the_workers_heartbeat_within_a_third_of_the_staleness() {
+        let staleness = Duration::from_secs(3);
+        assert!(SETTINGS.contains(&"branches.rescue_stale_heartbeats.staleness=3s"));
+        assert!(workload_config(1.0).worker.heartbeat_interval <= staleness / 3);
     }
 }

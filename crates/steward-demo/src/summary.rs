@@ -2,11 +2,11 @@
 //! have stopped, and the checks that make a broken demo exit non-zero.
 
 use super::display::{counts, table, Column};
+use super::fleet::Fleet;
 use super::monitor::BranchTotal;
-use super::procs::Fleet;
-use super::workload::StatsSnapshot;
 use anyhow::Context;
 use std::time::Duration;
+use steward_workload::Stats;
 use tokio_postgres::Client;
 
 /// Jobs by state, in `jobs` and in `job_archive` (where cleanup moves finished jobs).
@@ -90,7 +90,7 @@ pub struct Run<'a> {
     pub rate: f64,
     pub interrupted: bool,
     pub takeover: Option<&'a Takeover>,
-    pub workload: &'a StatsSnapshot,
+    pub workload: &'a Stats,
     pub totals: &'a [BranchTotal],
     pub fleet: &'a Fleet,
     pub cron_schedule: &'a str,
@@ -209,9 +209,9 @@ pub async fn print(client: &Client, run: &Run<'_>) -> anyhow::Result<Vec<String>
     }
 
     println!(
-        "stale-lease completions refused: {} (overrunning jobs finishing after their rescue); \
-         heartbeats refused: {}",
-        w.late_completions_refused, w.heartbeats_refused
+        "outcomes refused for a lost lease: {} (overrunning jobs finishing after their rescue); \
+         runs abandoned: {} (crashed, no outcome written)",
+        w.refused, w.abandoned
     );
     println!(
         "workers: {}",
@@ -221,16 +221,16 @@ pub async fn print(client: &Client, run: &Run<'_>) -> anyhow::Result<Vec<String>
             ("completed", w.completed.to_string()),
             (
                 "failed (retrying/final)",
-                format!("{}/{}", w.failed_retrying, w.failed_final)
+                format!("{}/{}", w.retried, w.failed)
             ),
             ("crashed", w.crashed.to_string()),
             ("overran", w.overran.to_string()),
-            ("callbacks unanswered", w.parked_unanswered.to_string()),
+            ("callbacks unanswered", w.unanswered.to_string()),
             (
                 "answered (in time/too late)",
                 format!("{}/{}", w.answered, w.answered_too_late)
             ),
-            ("other leases lost", w.other_lease_lost.to_string()),
+            ("outcomes unwritten", w.unwritten.to_string()),
         ])
     );
     if w.errors > 0 {

@@ -7,12 +7,12 @@
 //! the leader's `/metrics` (`monitor::PromotionLag`) and shown on a line of its own.
 
 use super::monitor::{PromotionLag, Snapshot};
-use super::workload::StatsSnapshot;
 use std::io::{IsTerminal, Write};
 use std::str::FromStr;
 use std::time::Duration;
 use steward_leader::status::BranchStatus;
 use steward_queue::JobState;
+use steward_workload::Stats;
 
 /// One column of a table: its header, its minimum width and how to render a row's cell.
 pub struct Column<T> {
@@ -162,7 +162,7 @@ pub struct Frame<'a> {
     /// Who leads, already described (the view does not know the demo's processes).
     pub leader: String,
     pub snapshot: &'a Snapshot,
-    pub workload: &'a StatsSnapshot,
+    pub workload: &'a Stats,
 }
 
 /// Events shown under the table on a terminal.
@@ -324,7 +324,7 @@ fn frame_lines(frame: &Frame<'_>) -> Vec<String> {
                 ("enqueued", w.enqueued.to_string()),
                 ("claimed", w.claimed.to_string()),
                 ("completed", w.completed.to_string()),
-                ("failed", (w.failed_retrying + w.failed_final).to_string()),
+                ("retried/failed", format!("{}/{}", w.retried, w.failed)),
                 ("errors", w.errors.to_string()),
             ])
         ),
@@ -335,12 +335,9 @@ fn frame_lines(frame: &Frame<'_>) -> Vec<String> {
                 ("overran", w.overran.to_string()),
                 (
                     "callbacks unanswered/answered",
-                    format!("{}/{}", w.parked_unanswered, w.answered)
+                    format!("{}/{}", w.unanswered, w.answered)
                 ),
-                (
-                    "late completes refused",
-                    w.late_completions_refused.to_string()
-                ),
+                ("outcomes refused", w.refused.to_string()),
             ])
         ),
         promotion_lag_line(s.promotion_lag.as_ref()),

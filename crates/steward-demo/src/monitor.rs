@@ -226,10 +226,7 @@ pub struct Monitor {
     schema: SchemaName,
     /// The latest row seen per branch and per instance.
     seen: BTreeMap<String, BTreeMap<String, BranchStatus>>,
-    /// Log files of the demo's processes, by pid: each names the address it serves
-    /// `/metrics` on (bound to port 0).
-    logs: HashMap<u32, std::path::PathBuf>,
-    /// Metrics addresses found, by pid.
+    /// Where each of the demo's processes serves `/metrics` (bound to port 0), by pid.
     metrics_addrs: HashMap<u32, String>,
     /// The leader's promotion-lag buckets over the last [`LAG_WINDOW`], oldest first.
     lag_samples: VecDeque<LagSample>,
@@ -246,15 +243,14 @@ impl Monitor {
             client,
             schema: target.schema().clone(),
             seen: BTreeMap::new(),
-            logs: HashMap::new(),
             metrics_addrs: HashMap::new(),
             lag_samples: VecDeque::new(),
         })
     }
 
-    /// Tells the monitor where process `pid` logs (see `procs::Fleet::spawn`).
-    pub fn watch_log(&mut self, pid: u32, log: std::path::PathBuf) {
-        self.logs.insert(pid, log);
+    /// Tells the monitor where process `pid` serves `/metrics` (from its log).
+    pub fn metrics_addr(&mut self, pid: u32, addr: String) {
+        self.metrics_addrs.insert(pid, addr);
     }
 
     /// Scrapes the leader's promotion lag and returns it over the recent window; `None` when
@@ -264,14 +260,7 @@ impl Monitor {
         // A new leader's histogram starts from zero: never subtract across processes.
         self.lag_samples.retain(|s| Some(s.pid) == pid);
         let pid = pid?;
-        let addr = match self.metrics_addrs.get(&pid) {
-            Some(addr) => addr.clone(),
-            None => {
-                let addr = super::procs::metrics_addr(self.logs.get(&pid)?)?;
-                self.metrics_addrs.insert(pid, addr.clone());
-                addr
-            }
-        };
+        let addr = self.metrics_addrs.get(&pid)?.clone();
         let now = Instant::now();
         // No promotion yet: no histogram, which is an empty one.
         let buckets = lag_buckets(&scrape(&addr).await?).unwrap_or_default();
