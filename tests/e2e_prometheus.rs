@@ -283,8 +283,8 @@ fn a_leader_restarted_over_and_over_fires_the_crash_loop_alert() {
             "StewardLeaderCrashLoop fired after only {} terms: {epochs:?}",
             epochs.len()
         );
-        steward.child.kill().unwrap();
-        steward.child.wait().unwrap();
+        steward.signal("KILL");
+        steward.wait_exit(Duration::from_secs(10));
     }
     let restarts_took = started.elapsed();
     let fired = prometheus.wait_until(

@@ -42,7 +42,7 @@ impl Steward {
         self.process.pid()
     }
 
-    #[allow(dead_code)] // used by chaos and e2e_leader only
+    #[allow(dead_code)] // used by chaos, e2e_leader and e2e_replica only
     pub fn logs(&self) -> Vec<LogLine> {
         self.process.lines()
     }
