@@ -3,6 +3,8 @@
 
 pub mod failover;
 pub mod footprint;
+pub mod heartbeat;
 pub mod isolation;
 pub mod promotion;
 pub mod throughput;
+pub mod worker;
