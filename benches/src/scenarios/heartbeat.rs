@@ -387,6 +387,14 @@ async fn analyse(
         )
         .await
         .context("reading rescues")?;
+    let completed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE state = 'completed'
+             AND finalized_at >= $1 AND finalized_at < $2",
+            &[&window.start, &window.end],
+        )
+        .await?
+        .get(0);
     let log = lock(&runs.0);
     let (mut live, mut refused) = (0u64, 0u64);
     for row in &rescues {
@@ -394,11 +402,8 @@ async fn analyse(
         let at: DateTime<Utc> = row.get(2);
         let Some(run) = log.get(&key) else { continue };
         match run.ended {
-            Some(ended) if ended <= at => {
-                if run.returned {
-                    refused += 1;
-                }
-            }
+            Some(ended) if ended <= at && run.returned => refused += 1,
+            Some(ended) if ended <= at => {}
             _ if run.long && run.started <= at => live += 1,
             _ => {}
         }
@@ -408,14 +413,6 @@ async fn analyse(
         .filter(|r| r.long && r.started >= window.start && r.started < window.end)
         .count() as u64;
     drop(log);
-    let completed: i64 = client
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE state = 'completed'
-             AND finalized_at >= $1 AND finalized_at < $2",
-            &[&window.start, &window.end],
-        )
-        .await?
-        .get(0);
     Ok(ModeResult {
         mode: mode.to_owned(),
         short_enqueued: 0,
