@@ -60,7 +60,8 @@ enum Command {
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Small sizes and short windows: the whole run stays under a minute (same report shape).
+    /// Small sizes and short windows: the whole run takes about a minute and a half (same report
+    /// shape).
     #[arg(long)]
     quick: bool,
     /// Print the report as JSON on stdout (the human tables go to <out>/report.txt).

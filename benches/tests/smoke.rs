@@ -359,6 +359,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
                 "sustained_jobs_per_s",
                 "slowest_second",
                 "pickup_lag_ms",
+                "claim_lag_ms",
                 "handler_starts",
                 "duplicate_runs",
                 "lost_jobs",
@@ -368,6 +369,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
             ],
         );
         quantiles(&r["pickup_lag_ms"], "pickup_lag_ms");
+        quantiles(&r["claim_lag_ms"], "claim_lag_ms");
     }
 
     let heartbeat = &scenarios["heartbeat"]["result"];
