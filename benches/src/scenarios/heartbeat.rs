@@ -555,6 +555,7 @@ async fn baseline_claims(
             _ = stop.cancelled() => break,
             claimed = queue.claim(name, permits.len() as i64) => claimed,
         };
+        // A failed claim is tried again at the next poll, as a simple worker would.
         let claimed = claimed.unwrap_or_default();
         let idle = claimed.is_empty();
         for job in claimed {
