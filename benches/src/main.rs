@@ -3,7 +3,8 @@
 //!
 //! ```sh
 //! cargo run --release -p steward-bench -- [--quick] [--json] [--duration 10m] \
-//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue] [--out benches/out]
+//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat] \
+//!     [--out benches/out]
 //! ```
 
 mod db;
@@ -12,14 +13,15 @@ mod injected;
 mod leader;
 mod plot;
 mod procs;
+mod proxy;
 mod recorder;
 mod report;
 mod scenarios;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use report::{Machine, ScenarioEntry, Target};
-use scenarios::{failover, footprint, isolation, promotion, rescue, throughput};
+use scenarios::{failover, footprint, heartbeat, isolation, promotion, rescue, throughput, worker};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -35,10 +37,19 @@ enum Scenario {
     Failover,
     Footprint,
     Rescue,
+    Worker,
+    Heartbeat,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The worker scenario's worker process (started by the harness itself).
+    #[command(hide = true)]
+    WorkerProcess(worker::ProcessArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -47,7 +58,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     about = "Benchmarks real Steward leaders against a real PostgreSQL (see benches/README.md)"
 )]
 struct Args {
-    /// Small sizes and short windows: the whole run stays under a minute (same report shape).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Small sizes and short windows: the whole run takes about a minute and a half (same report
+    /// shape).
     #[arg(long)]
     quick: bool,
     /// Print the report as JSON on stdout (the human tables go to <out>/report.txt).
@@ -65,7 +79,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "isolation,promotion,throughput,failover,footprint,rescue"
+        default_value = "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat"
     )]
     scenarios: Vec<Scenario>,
     /// Where report.json, report.txt and distributions.svg go.
@@ -118,6 +132,26 @@ struct Args {
     /// Rescue: how long dead runs keep being created. Default 60s, quick 8s.
     #[arg(long, value_parser = parse_duration)]
     rescue_window: Option<Duration>,
+    /// Worker: offered jobs per second, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000")]
+    worker_rates: Vec<f64>,
+    /// Worker: the window of each rate (after --warmup). Default 60s, quick 5s.
+    #[arg(long, value_parser = parse_duration)]
+    worker_window: Option<Duration>,
+    /// Worker: the worker's concurrency on its queue.
+    #[arg(long, default_value_t = 200)]
+    worker_concurrency: usize,
+    /// Heartbeat: the window. Default 120s; quick 20s, with every time scaled by 1/5
+    /// (staleness 6s, heartbeat every 2s, long jobs of 4s).
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat_window: Option<Duration>,
+    /// Heartbeat: short jobs per second offered to each mode.
+    #[arg(long, default_value_t = 200.0)]
+    heartbeat_short_rate: f64,
+    /// Heartbeat: each worker's concurrency on the short queue (the claim and completion
+    /// pressure on the baseline's pool).
+    #[arg(long, default_value_t = 400)]
+    heartbeat_short_slots: usize,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -157,6 +191,8 @@ struct Scenarios {
     failover: ScenarioEntry<failover::FailoverResult>,
     footprint: ScenarioEntry<footprint::FootprintResult>,
     rescue: ScenarioEntry<rescue::RescueResult>,
+    worker: ScenarioEntry<worker::WorkerResult>,
+    heartbeat: ScenarioEntry<heartbeat::HeartbeatResult>,
 }
 
 #[derive(Serialize)]
@@ -183,7 +219,7 @@ struct Report {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     STARTED.get_or_init(Instant::now);
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -196,6 +232,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the runtime")?;
+    if let Some(Command::WorkerProcess(process)) = args.command.take() {
+        return runtime.block_on(worker::process(process));
+    }
     let failed = runtime.block_on(run(args))?;
     if failed {
         std::process::exit(1);
@@ -217,9 +256,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let selected = |s: Scenario| args.scenarios.contains(&s);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let steward_bin = if selected(Scenario::Failover)
-        || selected(Scenario::Footprint)
-        || selected(Scenario::Rescue)
+    let steward_bin = if [
+        Scenario::Failover,
+        Scenario::Footprint,
+        Scenario::Rescue,
+        Scenario::Worker,
+        Scenario::Heartbeat,
+    ]
+    .into_iter()
+    .any(selected)
     {
         Some(procs::steward_binary(args.steward_bin.clone()))
     } else {
@@ -355,6 +400,58 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         rescue_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
     }
 
+    let mut worker_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Worker) {
+        let t = Instant::now();
+        let settings = worker::Settings {
+            rates: args.worker_rates.clone(),
+            window: args.worker_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+            )),
+            warmup,
+            lead: Duration::from_millis(100),
+            concurrency: args.worker_concurrency,
+            drain: Duration::from_secs(30),
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => worker::run(&pg, bin, &settings).await,
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        worker_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
+    let mut heartbeat_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Heartbeat) {
+        let t = Instant::now();
+        // Quick mode scales every time of the scenario by 1/5.
+        let scale = pick(quick, 5, 1);
+        let settings = heartbeat::Settings {
+            window: args.heartbeat_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(20),
+                Duration::from_secs(120),
+            )),
+            rtt: Duration::from_millis(150),
+            staleness: Duration::from_secs(30) / scale,
+            rescue_interval: Duration::from_secs(5) / scale,
+            interval: Duration::from_secs(10) / scale,
+            long_job: Duration::from_secs(20) / scale,
+            long_slots: 4,
+            short_rate: args.heartbeat_short_rate,
+            short_slots: args.heartbeat_short_slots,
+            pool_size: 2,
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => heartbeat::run(&pg, bin, &settings).await,
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        heartbeat_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
     // The plot.
     let mut plots = Vec::new();
     let mut panels = Vec::new();
@@ -422,13 +519,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     flatten("failover", &failover_entry.targets);
     flatten("footprint", &footprint_entry.targets);
     flatten("rescue", &rescue_entry.targets);
+    flatten("worker", &worker_entry.targets);
+    flatten("heartbeat", &heartbeat_entry.targets);
 
     let failed = isolation_entry.is_error()
         || promotion_entry.is_error()
         || throughput_entry.is_error()
         || failover_entry.is_error()
         || footprint_entry.is_error()
-        || rescue_entry.is_error();
+        || rescue_entry.is_error()
+        || worker_entry.is_error()
+        || heartbeat_entry.is_error();
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         harness: "steward-bench".into(),
@@ -452,6 +553,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             failover: failover_entry,
             footprint: footprint_entry,
             rescue: rescue_entry,
+            worker: worker_entry,
+            heartbeat: heartbeat_entry,
         },
         targets,
         plots,
@@ -531,6 +634,8 @@ fn render(r: &Report) -> String {
     section(&mut out, "failover", &s.failover, failover::render);
     section(&mut out, "footprint", &s.footprint, footprint::render);
     section(&mut out, "rescue", &s.rescue, rescue::render);
+    section(&mut out, "worker", &s.worker, worker::render);
+    section(&mut out, "heartbeat", &s.heartbeat, heartbeat::render);
     if !r.targets.is_empty() {
         let passed = r.targets.iter().filter(|t| t.target.pass).count();
         let _ = writeln!(
@@ -556,7 +661,7 @@ mod tests {
         let args = Args::parse_from([
             "steward-bench",
             "--scenarios",
-            "isolation,promotion,throughput,failover,footprint,rescue",
+            "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat",
         ]);
         assert_eq!(
             args.scenarios,
@@ -567,8 +672,19 @@ mod tests {
                 Scenario::Failover,
                 Scenario::Footprint,
                 Scenario::Rescue,
+                Scenario::Worker,
+                Scenario::Heartbeat,
             ]
         );
+        let args = Args::parse_from([
+            "steward-bench",
+            "worker-process",
+            "--database-url",
+            "postgres://u@h/db",
+            "--queue",
+            "q",
+        ]);
+        assert!(matches!(args.command, Some(Command::WorkerProcess(_))));
         let args = Args::parse_from(["steward-bench", "--duration", "3m", "--quick"]);
         assert_eq!(args.duration, Some(Duration::from_secs(180)));
     }

@@ -1,9 +1,10 @@
 //! CI smoke test: `steward-bench --quick --json` against a real PostgreSQL. It checks the
 //! report's shape (every scenario ran and has every key, the SVG exists), never its timings.
 //!
-//! The failover, footprint and rescue scenarios need the `steward` binary. This test builds it
-//! with `cargo build -p steward` (a no-op when `cargo test --workspace` has already built it)
-//! into the target directory this test runs from, and passes it with `--steward-bin`.
+//! The failover, footprint, rescue, worker and heartbeat scenarios need the `steward` binary.
+//! This test builds it with `cargo build -p steward` (a no-op when `cargo test --workspace` has
+//! already built it) into the target directory this test runs from, and passes it with
+//! `--steward-bin`.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,8 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "failover",
         "footprint",
         "rescue",
+        "worker",
+        "heartbeat",
     ] {
         let entry = &scenarios[name];
         keys(
@@ -362,6 +365,90 @@ fn quick_run_reports_every_scenario_with_every_key() {
             ],
         );
         quantiles(&reason["latency_ms"], "rescue latency_ms");
+    }
+
+    let worker = &scenarios["worker"]["result"];
+    keys(
+        worker,
+        "worker",
+        &[
+            "steward_bin",
+            "concurrency",
+            "lead_ms",
+            "window_s",
+            "warmup_s",
+            "rates",
+        ],
+    );
+    let rates = worker["rates"].as_array().unwrap();
+    assert_eq!(rates.len(), 2);
+    for r in rates {
+        keys(
+            r,
+            "worker rate",
+            &[
+                "rate",
+                "enqueued",
+                "achieved_enqueue_rate",
+                "window_s",
+                "completed_in_window",
+                "sustained_jobs_per_s",
+                "slowest_second",
+                "pickup_lag_ms",
+                "claim_lag_ms",
+                "handler_starts",
+                "duplicate_runs",
+                "lost_jobs",
+                "drain_s",
+                "worker_cpu_percent",
+                "leader_cpu_percent",
+            ],
+        );
+        quantiles(&r["pickup_lag_ms"], "pickup_lag_ms");
+        quantiles(&r["claim_lag_ms"], "claim_lag_ms");
+    }
+
+    let heartbeat = &scenarios["heartbeat"]["result"];
+    keys(
+        heartbeat,
+        "heartbeat",
+        &[
+            "window_s",
+            "rtt_ms",
+            "staleness_s",
+            "rescue_interval_s",
+            "heartbeat_interval_s",
+            "long_job_s",
+            "long_slots",
+            "short_rate",
+            "short_slots",
+            "pool_size",
+            "steward_bin",
+            "baseline",
+            "steward",
+        ],
+    );
+    for mode in ["baseline", "steward"] {
+        keys(
+            &heartbeat[mode],
+            mode,
+            &[
+                "mode",
+                "short_enqueued",
+                "long_enqueued",
+                "long_runs",
+                "rescued",
+                "live_runs_rescued",
+                "completions_refused",
+                "heartbeat_ms",
+                "heartbeat_errors",
+                "flush_age_max_s",
+                "oldest_running_heartbeat_max_s",
+                "completed_in_window",
+                "jobs_per_s",
+            ],
+        );
+        quantiles(&heartbeat[mode]["heartbeat_ms"], "heartbeat_ms");
     }
 
     let svg = out.path().join("distributions.svg");

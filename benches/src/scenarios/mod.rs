@@ -3,7 +3,9 @@
 
 pub mod failover;
 pub mod footprint;
+pub mod heartbeat;
 pub mod isolation;
 pub mod promotion;
 pub mod rescue;
 pub mod throughput;
+pub mod worker;
