@@ -701,3 +701,46 @@ fn a_broken_config_file_is_reported_once_without_its_password() {
     assert!(!output.contains("Sup3rS3cretPw"), "{output}");
     assert_eq!(output.matches("TOML parse error").count(), 1, "{output}");
 }
+
+/// A standby whose configuration differs from the leader's is named once in the leader's log
+/// and counted apart in `steward_candidates`, before any failover makes it lead.
+#[test]
+fn the_leader_names_a_candidate_whose_configuration_differs() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let leader = Steward::spawn(&db.url(), &[]);
+    leader.wait_for("leadership acquired", Duration::from_secs(30));
+    let standby = Steward::spawn(&db.url(), &["--set", "branches.cleanup.interval=77s"]);
+    let standby_instance = standby
+        .wait_for("standing by for leadership", Duration::from_secs(30))
+        .field("instance")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    const DRIFT: &str =
+        "a candidate runs another version or configuration: if it takes over, maintenance changes";
+    let warning = leader.wait_for(DRIFT, Duration::from_secs(60));
+    assert_eq!(
+        warning.field("candidate").and_then(|v| v.as_str()),
+        Some(standby_instance.as_str())
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = leader.get("/metrics");
+        let counted: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("steward_candidates{") && l.ends_with(" 1"))
+            .collect();
+        if counted.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "candidates: {counted:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let warnings = leader
+        .logs()
+        .iter()
+        .filter(|l| l.message() == DRIFT)
+        .count();
+    assert_eq!(warnings, 1);
+}

@@ -42,7 +42,7 @@ impl Steward {
         self.process.pid()
     }
 
-    #[allow(dead_code)] // used by chaos, e2e_leader and e2e_replica only
+    #[allow(dead_code)] // not used by every suite
     pub fn logs(&self) -> Vec<LogLine> {
         self.process.lines()
     }

@@ -4,6 +4,7 @@
 //! term ends, then returns to standby. Embeddable: a worker process can run a [`Candidate`].
 
 mod backlog;
+mod drift;
 mod health;
 mod instance;
 mod observe;
@@ -17,7 +18,8 @@ mod tracker;
 
 pub use health::{BranchHealth, HealthRegistry, HealthSnapshot, PassRecord};
 pub use observe::{
-    BacklogReport, BranchHeld, BranchRun, LeadershipEvent, Observer, Observers, RunResult,
+    BacklogReport, BranchHeld, BranchRun, CandidateSeen, LeadershipEvent, Observer, Observers,
+    RunResult,
 };
 pub use plan::{LoopPlan, PlannedLoop, MONOLITHIC};
 pub use runner::ContactMonitor;

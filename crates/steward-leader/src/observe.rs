@@ -115,6 +115,17 @@ pub trait Observer: Send + Sync + 'static {
     /// The server refuses writes (a hot standby, or `default_transaction_read_only`), so this
     /// candidate does not stand for election there; `false` once it accepts writes again.
     fn server_read_only(&self, _read_only: bool) {}
+    /// The leader read the candidates seen recently (itself included).
+    fn candidates(&self, _seen: &[CandidateSeen]) {}
+}
+
+/// A candidate as the leader sees it in the `candidates` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateSeen {
+    pub instance: String,
+    pub version: String,
+    pub loop_mode: String,
+    pub config_digest: String,
 }
 
 /// Fan-out to several observers.
@@ -156,5 +167,8 @@ impl Observer for Observers {
     }
     fn server_read_only(&self, read_only: bool) {
         self.0.iter().for_each(|o| o.server_read_only(read_only));
+    }
+    fn candidates(&self, seen: &[CandidateSeen]) {
+        self.0.iter().for_each(|o| o.candidates(seen));
     }
 }

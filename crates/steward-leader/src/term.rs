@@ -105,6 +105,7 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
         registration.clone(),
         epoch,
         health,
+        observer.clone(),
         settings.progress_interval,
         writer_stop.clone(),
     ));

@@ -29,6 +29,9 @@ pub const RESCUE_BACKLOG_AGE: &str = "steward_rescue_backlog_age_seconds";
 /// 1 while this instance's server refuses writes (a hot standby, or a read-only primary), so
 /// that it does not stand for election.
 pub const SERVER_READ_ONLY: &str = "steward_server_read_only";
+/// Candidates seen recently, by version, loop mode and configuration digest, as the leader reads
+/// them: more than one series means a failover would change how the queue is maintained.
+pub const CANDIDATES: &str = "steward_candidates";
 
 /// What a metric is in the Prometheus exposition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +107,11 @@ pub const ALL: &[Metric] = &[
     metric(PROMOTION_BACKLOG_AGE, Kind::Gauge, &[]),
     metric(RESCUE_BACKLOG_AGE, Kind::Gauge, &["reason"]),
     metric(SERVER_READ_ONLY, Kind::Gauge, &[]),
+    metric(
+        CANDIDATES,
+        Kind::Gauge,
+        &["version", "loop_mode", "config_digest"],
+    ),
 ];
 
 /// The metric of this name, if Steward exports it.

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 use steward_branches::{BacklogKind, Observation, RescueReason};
 use steward_leader::{
-    BacklogReport, BranchRun, LeadershipEvent, LoopPlan, Observer, OverrunState, Transition,
-    BACKLOG_TASK,
+    BacklogReport, BranchRun, CandidateSeen, LeadershipEvent, LoopPlan, Observer, OverrunState,
+    Transition, BACKLOG_TASK,
 };
 
 struct Cache<K, V>(Mutex<HashMap<K, V>>);
@@ -249,6 +249,7 @@ impl Observer for MetricsObserver {
                                 BRANCH_CONSECUTIVE_FAILURES,
                                 PROMOTION_BACKLOG_AGE,
                                 RESCUE_BACKLOG_AGE,
+                                CANDIDATES,
                             ]
                             .contains(name)
                         }) {
@@ -278,6 +279,37 @@ impl Observer for MetricsObserver {
             }
         };
         gauge.set(report.age.as_secs_f64());
+    }
+
+    fn candidates(&self, seen: &[CandidateSeen]) {
+        let mut counts: std::collections::BTreeMap<Vec<String>, f64> = Default::default();
+        for c in seen {
+            let key = vec![
+                c.version.clone(),
+                c.loop_mode.clone(),
+                c.config_digest.clone(),
+            ];
+            *counts.entry(key).or_default() += 1.0;
+        }
+        // Combinations no longer seen drop to 0 rather than keep their last count.
+        for gauge in self
+            .gauges
+            .values_where(|(name, values)| *name == CANDIDATES && !counts.contains_key(values))
+        {
+            gauge.set(0.0);
+        }
+        for (values, count) in counts {
+            let [version, loop_mode, config_digest] = [&values[0], &values[1], &values[2]];
+            self.gauge(
+                CANDIDATES,
+                &[
+                    ("version", version.clone()),
+                    ("loop_mode", loop_mode.clone()),
+                    ("config_digest", config_digest.clone()),
+                ],
+            )
+            .set(count);
+        }
     }
 
     fn server_read_only(&self, read_only: bool) {

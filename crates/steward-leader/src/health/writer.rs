@@ -3,7 +3,10 @@
 
 use crate::health::{BranchHealth, HealthRegistry};
 use crate::instance::{Registration, FORGET_GONE};
-use std::time::Duration;
+use crate::observe::Observer;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use steward_connection::{describe_pg_error, Reconnecting, Target};
 use tokio_util::sync::CancellationToken;
 
@@ -38,17 +41,24 @@ WHERE branch_health.epoch <= excluded.epoch";
 pub const MARK_PROGRESS: &str = "
 UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = $1";
 
+/// How often the leader compares the candidates' versions and configurations with its own.
+const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(15);
+
 /// Marks progress for standbys, keeps the candidates table fresh and flushes branch health,
-/// every `every`, on its own connection. Returns when the progress mark shows that a newer term has started.
+/// every `every`, on its own connection; checks the candidates for drift every
+/// [`DRIFT_CHECK_EVERY`]. Returns when the progress mark shows that a newer term has started.
 pub(crate) async fn health_writer(
     target: Target,
     registration: Registration,
     epoch: i64,
     health: HealthRegistry,
+    observer: Arc<dyn Observer>,
     every: Duration,
     stop: CancellationToken,
 ) {
     let mut session = Reconnecting::new(target);
+    let mut warned = HashSet::new();
+    let mut drift_checked: Option<Instant> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -78,6 +88,14 @@ pub(crate) async fn health_writer(
         };
         if let Err(error) = registered.await {
             tracing::debug!(error = %describe_pg_error(&error), "could not refresh the candidates");
+        }
+        if drift_checked.is_none_or(|at| at.elapsed() >= DRIFT_CHECK_EVERY) {
+            drift_checked = Some(Instant::now());
+            if let Err(error) =
+                crate::drift::check(c, &registration, &mut warned, observer.as_ref()).await
+            {
+                tracing::debug!(error = %describe_pg_error(&error), "could not read the candidates");
+            }
         }
         let dirty = health.take_dirty();
         if dirty.is_empty() {
