@@ -4,6 +4,7 @@
 //! (when /proc shows them, i.e. the server runs on this machine).
 
 use crate::db::Pg;
+use crate::hist::round2;
 use crate::procs::{clock_ticks, proc_stat, rss_kib, StewardProcess, ACQUIRED, FIRST_PASS};
 use crate::report::{num, table};
 use anyhow::Context;
@@ -126,10 +127,6 @@ async fn run_on(
         db_backends: backends.len() as u64,
         db_backend_cpu_percent: db_cpu,
     })
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
 }
 
 pub fn render(r: &FootprintResult) -> String {

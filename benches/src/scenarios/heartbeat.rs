@@ -23,7 +23,7 @@
 //! heartbeat among running jobs is sampled from each database every 250 ms.
 
 use crate::db::{BenchDb, Pg};
-use crate::hist::{Hist, Quantiles};
+use crate::hist::{round2, Hist, Quantiles};
 use crate::procs::{StewardProcess, ACQUIRED, FIRST_PASS};
 use crate::proxy::{upstream_of, url_via, DelayProxy};
 use crate::report::{num, opt, table, Target};
@@ -757,10 +757,6 @@ impl metrics::Recorder for Recorder {
             key: key.name().to_owned(),
         }))
     }
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
 }
 
 pub fn render(r: &HeartbeatResult) -> String {

@@ -11,7 +11,7 @@
 //! drain is lost.
 
 use crate::db::{BenchDb, Pg};
-use crate::hist::{Hist, Quantiles};
+use crate::hist::{round2, Hist, Quantiles};
 use crate::procs::{clock_ticks, proc_stat, StewardProcess, ACQUIRED, FIRST_PASS};
 use crate::report::{num, opt, table, Target};
 use anyhow::{bail, Context};
@@ -496,10 +496,6 @@ pub async fn process(args: ProcessArgs) -> anyhow::Result<()> {
         _ => bail!("the printing thread panicked"),
     }
     Ok(())
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
 }
 
 pub fn render(r: &WorkerResult) -> String {
