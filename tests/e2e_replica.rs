@@ -82,7 +82,7 @@ fn on_a_hot_standby_steward_waits_on_one_session_and_leads_once_it_is_promoted()
     steward_on_replica.wait_for(REFUSES_WRITES, Duration::from_secs(30));
     let (code, body) = steward_on_replica.get("/readyz");
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("read_only"), "{body}");
+    assert!(body.contains("refuses writes"), "{body}");
     let (_, metrics) = steward_on_replica.get("/metrics");
     assert!(
         metrics.lines().any(|l| l == "steward_server_read_only 1"),

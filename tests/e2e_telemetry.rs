@@ -744,3 +744,58 @@ fn the_leader_names_a_candidate_whose_configuration_differs() {
         .count();
     assert_eq!(warnings, 1);
 }
+
+/// In a rolling upgrade the schema can be newer than a steward still running: that steward
+/// stands aside (neither leads nor exits, and `/readyz` says why) and stands for election again
+/// once the schema is no newer than it. A steward whose schema lags behind it refuses to start
+/// until `steward migrate` has run.
+#[test]
+fn a_steward_older_than_the_schema_stands_aside_and_a_newer_one_refuses_to_start() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let client = runtime.block_on(db.client());
+    let future_version =
+        |sql: &'static str| runtime.block_on(async { client.batch_execute(sql).await.unwrap() });
+    future_version(
+        "INSERT INTO steward.schema_history (version, name, applied_on, checksum)
+         VALUES (99, 'from_the_future', now()::text, '0')",
+    );
+    let mut older = Steward::spawn(&db.url(), &[]);
+    let aside = older.wait_for(
+        "this steward is older than the schema: not standing for election until it is upgraded",
+        Duration::from_secs(30),
+    );
+    let error = aside
+        .field("error")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    assert!(error.contains("version 99"), "{error}");
+    let (code, body) = older.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("older than the schema"), "{body}");
+    assert!(older.try_wait().is_none(), "{}", older.raw_output());
+    assert!(older.find("leadership acquired").is_none());
+    future_version("DELETE FROM steward.schema_history WHERE version = 99");
+    older.wait_for("leadership acquired", Duration::from_secs(30));
+    let (code, body) = older.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+
+    let behind = runtime.block_on(TestDb::new());
+    let client = runtime.block_on(behind.client());
+    runtime.block_on(async {
+        client
+            .batch_execute(
+                "DELETE FROM steward.schema_history
+                 WHERE version = (SELECT max(version) FROM steward.schema_history)",
+            )
+            .await
+            .unwrap()
+    });
+    let mut newer = Steward::spawn(&behind.url(), &[]);
+    assert_eq!(newer.wait_exit(Duration::from_secs(30)), Some(1));
+    assert!(
+        newer.raw_output().contains("run `steward migrate`"),
+        "{}",
+        newer.raw_output()
+    );
+}

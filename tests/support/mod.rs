@@ -79,7 +79,7 @@ impl Steward {
     }
 
     /// The exit status, if the process has exited.
-    #[allow(dead_code)] // used by chaos only
+    #[allow(dead_code)] // not used by every suite
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.process.try_wait()
     }

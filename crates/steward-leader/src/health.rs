@@ -54,8 +54,8 @@ pub struct HealthSnapshot {
     pub branches: Vec<BranchHealth>,
     /// Time since each loop last finished an iteration in the current term.
     pub loops: BTreeMap<String, Duration>,
-    /// The server refuses writes, so this candidate does not stand for election.
-    pub server_read_only: bool,
+    /// Why this candidate does not stand for election, while it does not.
+    pub standing_aside: Option<String>,
 }
 
 /// One pass, as the live page's timeline draws it.
@@ -87,7 +87,7 @@ struct State {
     branches: BTreeMap<&'static str, BranchHealth>,
     loops: BTreeMap<String, Instant>,
     passes: std::collections::VecDeque<PassRecord>,
-    server_read_only: bool,
+    standing_aside: Option<String>,
 }
 
 /// Shared, cheap to clone.
@@ -111,7 +111,7 @@ impl HealthRegistry {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.elapsed()))
                 .collect(),
-            server_read_only: state.server_read_only,
+            standing_aside: state.standing_aside.clone(),
         }
     }
 
@@ -237,8 +237,8 @@ impl Observer for HealthRegistry {
         entry.dirty = true;
     }
 
-    fn server_read_only(&self, read_only: bool) {
-        self.state().server_read_only = read_only;
+    fn standing_aside(&self, why: Option<&str>) {
+        self.state().standing_aside = why.map(str::to_owned);
     }
 
     fn leadership(&self, event: &LeadershipEvent) {

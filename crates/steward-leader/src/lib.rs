@@ -119,6 +119,37 @@ impl Candidate {
         Ok(())
     }
 
+    /// Stands aside (logged once, `/readyz` says why) while the schema is newer than this
+    /// steward, rechecking every 10 s on `session`; true when `shutdown` came first, false
+    /// when the schema check no longer finds it newer (or the session failed: the caller
+    /// starts over).
+    async fn stand_aside_while_schema_is_newer(
+        &self,
+        session: &session::LeaderSession,
+        error: &steward_schema::SchemaError,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        const RECHECK: Duration = Duration::from_secs(10);
+        let why = format!("{error}; not standing for election");
+        tracing::warn!(target = %self.target, %error, "this steward is older than the schema: not standing for election until it is upgraded");
+        self.observers.standing_aside(Some(&why));
+        let ended = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+            match steward_schema::check_schema(session.client(), self.target.schema()).await {
+                Err(steward_schema::SchemaError::Ahead { .. }) => continue,
+                _ => break false,
+            }
+        };
+        self.observers.standing_aside(None);
+        if !ended {
+            tracing::info!(target = %self.target, "the schema is no longer newer than this steward: checking it again");
+        }
+        ended
+    }
+
     /// Waits on `session` until its server accepts writes; false when `shutdown` came first.
     /// A hot standby or a read-only primary is checked again at a growing interval (250 ms
     /// doubling to 2 s) on the same session, so that a promotion is noticed within seconds
@@ -138,6 +169,8 @@ impl Candidate {
             if now_read_only != *read_only {
                 *read_only = now_read_only;
                 self.observers.server_read_only(now_read_only);
+                self.observers
+                    .standing_aside(now_read_only.then_some(term::READ_ONLY_SERVER));
                 if now_read_only {
                     tracing::warn!(target = %self.target, "the server refuses writes (a hot standby, or default_transaction_read_only is on): not standing for election here until it accepts them");
                 } else {
@@ -211,6 +244,17 @@ impl Candidate {
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(self.settings.reconnect_max);
+                    continue;
+                }
+                // Older than the schema: leading would run old SQL on a new schema, but a warm
+                // standby harms nothing while a rolling upgrade replaces this process.
+                Err(error @ steward_schema::SchemaError::Ahead { .. }) => {
+                    if self
+                        .stand_aside_while_schema_is_newer(&session, &error, &shutdown)
+                        .await
+                    {
+                        return Ok(());
+                    }
                     continue;
                 }
                 Err(error) => return Err(error.into()),

@@ -115,6 +115,9 @@ pub trait Observer: Send + Sync + 'static {
     /// The server refuses writes (a hot standby, or `default_transaction_read_only`), so this
     /// candidate does not stand for election there; `false` once it accepts writes again.
     fn server_read_only(&self, _read_only: bool) {}
+    /// Why this candidate does not stand for election (its server refuses writes, or the
+    /// schema is newer than this steward), or `None` once it stands again.
+    fn standing_aside(&self, _why: Option<&str>) {}
     /// The leader read the candidates seen recently (itself included).
     fn candidates(&self, _seen: &[CandidateSeen]) {}
 }
@@ -170,5 +173,8 @@ impl Observer for Observers {
     }
     fn candidates(&self, seen: &[CandidateSeen]) {
         self.0.iter().for_each(|o| o.candidates(seen));
+    }
+    fn standing_aside(&self, why: Option<&str>) {
+        self.0.iter().for_each(|o| o.standing_aside(why));
     }
 }

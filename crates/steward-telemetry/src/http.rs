@@ -155,12 +155,13 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 
 async fn readyz(State(state): State<HttpState>) -> Response {
     // Reachable is not enough: on a server that refuses writes this instance can never lead.
-    if state.health.snapshot().server_read_only {
+    if let Some(why) = state.health.snapshot().standing_aside {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
-                "database": "read_only",
-                "reason": "the server refuses writes (a hot standby, or default_transaction_read_only is on): this instance does not stand for election there",
+                "database": "reachable",
+                "standing_aside": true,
+                "reason": why,
             })),
         )
             .into_response();
