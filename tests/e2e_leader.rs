@@ -3,7 +3,7 @@
 mod support;
 
 use std::time::Duration;
-use steward_testkit::TestDb;
+use steward_testkit::{TestDb, TestRole};
 use support::*;
 
 const FIRST_PASS: &str = "first branch pass of the term";
@@ -148,4 +148,80 @@ fn an_unreachable_database_is_retried_with_a_clear_log_and_no_crash() {
     );
     assert!(output.contains("127.0.0.1:1"), "{output}");
     drop(process);
+}
+
+/// A candidate the server has no connection slot for (its role's connection limit is reached)
+/// says so and backs off, without spinning and without costing the leader a session; it stands
+/// by once a slot is free.
+#[test]
+fn a_candidate_without_a_connection_slot_backs_off_and_the_leader_keeps_its_sessions() {
+    const NO_SLOT: &str = "no connection slot for this candidate (max_connections, or the role's or database's connection limit); retrying";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let role = runtime.block_on(TestRole::maintenance(&db));
+    let admin = runtime.block_on(db.client());
+    let sessions = || -> Vec<i32> {
+        runtime.block_on(async {
+            admin
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE usename = $1 ORDER BY pid",
+                    &[&role.name()],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        })
+    };
+    let leader = Steward::spawn(role.url(), &[]);
+    leader.wait_for(ACQUIRED, Duration::from_secs(30));
+    // Split mode: the lock session, three loops, the health writer and the backlog reader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sessions().len() < 6 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", sessions());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = sessions();
+    let limit = |n: i32| {
+        runtime.block_on(async {
+            admin
+                .batch_execute(&format!("ALTER ROLE {} CONNECTION LIMIT {n}", role.name()))
+                .await
+                .unwrap()
+        })
+    };
+    limit(before.len() as i32);
+
+    let standby = Steward::spawn(role.url(), &[]);
+    let refusals = || -> Vec<String> {
+        standby
+            .logs()
+            .iter()
+            .filter(|l| l.message() == NO_SLOT)
+            .map(|l| {
+                l.field("retry_in")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refusals().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            standby.raw_output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Backing off: each retry waits longer than the one before.
+    let waits = refusals();
+    assert!(waits[0] != waits[1] && waits[1] != waits[2], "{waits:?}");
+    assert_eq!(sessions(), before, "the leader's sessions changed");
+    assert!(leader.find("leadership lost; back to standby").is_none());
+
+    limit(-1);
+    standby.wait_for(STANDING_BY, Duration::from_secs(60));
 }

@@ -59,6 +59,15 @@ impl ConnectError {
     }
 }
 
+impl ConnectError {
+    /// A refusal that passes once sessions end: no connection slot left on the server
+    /// (`max_connections`) or for the role or database (their `CONNECTION LIMIT`).
+    pub fn no_connection_slot(&self) -> bool {
+        matches!(self, ConnectError::Connect { cause, .. }
+            if cause.code() == Some(&SqlState::TOO_MANY_CONNECTIONS))
+    }
+}
+
 /// How both ends of a long-lived session notice that the other is gone: TCP keepalives on
 /// the client and (as session settings) on the server, a TCP user timeout, and the server's
 /// check for a vanished client while a statement runs.

@@ -219,6 +219,10 @@ impl Candidate {
                             }
                             tracing::error!(%error, target = %self.target, problem = what, retry_in = ?backoff, give_up_in = ?(self.settings.give_up_after - for_), "the database refuses this candidate");
                         }
+                        None if error.no_connection_slot() => {
+                            refused_since = None;
+                            tracing::warn!(%error, target = %self.target, retry_in = ?backoff, "no connection slot for this candidate (max_connections, or the role's or database's connection limit); retrying");
+                        }
                         None => {
                             refused_since = None;
                             tracing::warn!(%error, target = %self.target, retry_in = ?backoff, "cannot reach the database");

@@ -8,7 +8,7 @@ use steward_branches::cron_sync::ScheduleConfig;
 use steward_branches::{BranchesConfig, RetryConfig};
 use steward_connection::Target;
 use steward_leader::{BranchRun, Candidate, LeaderSettings, LeadershipEvent, Observer, RunResult};
-use steward_testkit::TestDb;
+use steward_testkit::{TestDb, TestRole};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -32,60 +32,6 @@ impl Observer for Recorder {
             self.acquired.lock().unwrap().push(*epoch);
         }
     }
-}
-
-/// Drops the role when the test ends, passed or not (roles are cluster-wide). Declared after
-/// the `TestDb`, so it runs while the database still exists.
-struct RoleGuard {
-    admin_url: String,
-    role: String,
-}
-
-impl Drop for RoleGuard {
-    fn drop(&mut self) {
-        let (url, role) = (self.admin_url.clone(), self.role.clone());
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .ok()?;
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("ALTER ROLE {role} NOLOGIN"))
-                    .await
-                    .ok()?;
-                client
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                        &[&role],
-                    )
-                    .await
-                    .ok()?;
-                client
-                    .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
-            eprintln!("least_privilege: could not drop role {}", self.role);
-        }
-    }
-}
-
-/// `url` with its user replaced by `user` (trust auth: no password).
-fn url_as(url: &str, user: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
-    let path = rest.find('/').unwrap_or(rest.len());
-    let host = rest[..path]
-        .rsplit_once('@')
-        .map_or(&rest[..path], |(_, h)| h);
-    format!("{scheme}://{user}@{host}{}", &rest[path..])
 }
 
 /// Polls `sql` (one boolean) until it is true.
@@ -287,24 +233,11 @@ async fn every_branch_runs_as_the_maintenance_role_and_nothing_else_is_reachable
     let started = Instant::now();
     let db = TestDb::new().await;
     let admin = db.client().await;
-    let role = format!("steward_lp_{}", &db.name()[db.name().len() - 16..]);
-    let _guard = RoleGuard {
-        admin_url: db.url(),
-        role: role.clone(),
-    };
     // What `steward role create` does, then the login an operator gives it.
-    steward_schema::create_maintenance_role(&admin, db.schema(), &role)
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!(
-            "ALTER ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {} TO {role}",
-            db.name()
-        ))
-        .await
-        .unwrap();
+    let test_role = TestRole::maintenance(&db).await;
+    let role = test_role.name().to_owned();
     admin.batch_execute(SEED).await.unwrap();
-    let role_url = url_as(&db.url(), &role);
+    let role_url = test_role.url().to_owned();
     let role_target = Target::new(&role_url, db.schema().clone()).unwrap();
 
     let config = branches();

@@ -246,3 +246,89 @@ mod tests {
         );
     }
 }
+
+/// A login role with exactly the maintenance role's grants in one [`TestDb`] (what `steward role
+/// create` does, plus the LOGIN and CONNECT an operator gives it). Roles are cluster-wide, so
+/// it is dropped when the value is, passed or not: declare it after its `TestDb`, so that it is
+/// dropped while the database still exists.
+pub struct TestRole {
+    server_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestRole {
+    pub async fn maintenance(db: &TestDb) -> TestRole {
+        let name = format!("steward_role_{}", uuid::Uuid::new_v4().simple());
+        let admin = db.client().await;
+        steward_schema::create_maintenance_role(&admin, db.schema(), &name)
+            .await
+            .unwrap_or_else(|e| panic!("creating role {name}: {e}"));
+        admin
+            .batch_execute(&format!(
+                "ALTER ROLE {name} LOGIN; GRANT CONNECT ON DATABASE {} TO {name}",
+                db.name()
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("letting role {name} log in: {e}"));
+        TestRole {
+            server_url: db.url(),
+            url: url_as(&db.url(), &name),
+            name,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The test database's URL, logged in as this role.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// `url` (postgres://…) with its user replaced by `user` and no password.
+fn url_as(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let path = rest.find('/').unwrap_or(rest.len());
+    let host = rest[..path]
+        .rsplit_once('@')
+        .map_or(&rest[..path], |(_, h)| h);
+    format!("{scheme}://{user}@{host}{}", &rest[path..])
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let (url, role) = (self.server_url.clone(), self.name.clone());
+        // Drop runs outside any runtime guarantee: use a private one on a plain thread.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let admin = try_admin_client(&url).await.ok()?;
+                admin
+                    .batch_execute(&format!("ALTER ROLE {role} NOLOGIN"))
+                    .await
+                    .ok()?;
+                admin
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                        &[&role],
+                    )
+                    .await
+                    .ok()?;
+                admin
+                    .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("steward-testkit: could not drop role {}", self.name);
+        }
+    }
+}
