@@ -232,21 +232,6 @@ async fn database_exists(admin: &Client, name: &str) -> bool {
         .is_some()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn replaces_dbname() {
-        assert_eq!(
-            super::url_with_dbname("postgres://u@h:5432/postgres?sslmode=disable", "t1"),
-            "postgres://u@h:5432/t1?sslmode=disable"
-        );
-        assert_eq!(
-            super::url_with_dbname("postgres://u@h", "t1"),
-            "postgres://u@h/t1"
-        );
-    }
-}
-
 /// A login role with exactly the maintenance role's grants in one [`TestDb`] (what `steward role
 /// create` does, plus the LOGIN and CONNECT an operator gives it). Roles are cluster-wide, so
 /// it is dropped when the value is, passed or not: declare it after its `TestDb`, so that it is
@@ -330,5 +315,20 @@ impl Drop for TestRole {
         if !matches!(dropped, Ok(Some(()))) {
             eprintln!("steward-testkit: could not drop role {}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replaces_dbname() {
+        assert_eq!(
+            super::url_with_dbname("postgres://u@h:5432/postgres?sslmode=disable", "t1"),
+            "postgres://u@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(
+            super::url_with_dbname("postgres://u@h", "t1"),
+            "postgres://u@h/t1"
+        );
     }
 }
