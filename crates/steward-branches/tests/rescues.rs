@@ -1017,13 +1017,18 @@ mod expired_callbacks {
     }
 }
 
-/// A writer that keeps what a subscriber writes, for reading log lines back.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+thread_local! {
+    /// The log lines this thread's code wrote, as JSON.
+    static CAPTURED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
-impl std::io::Write for Captured {
+/// Writes into this thread's [`CAPTURED`]: a test on a current-thread runtime reads back exactly
+/// what its own code logged, whatever other tests log meanwhile.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CAPTURED.with(|c| c.borrow_mut().extend_from_slice(buf));
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -1031,19 +1036,28 @@ impl std::io::Write for Captured {
     }
 }
 
+/// Captures this thread's log lines from now on. The subscriber is global (set once for this
+/// test binary): a thread-scoped one (`set_default`) races the callsite interest cache with the
+/// other tests' threads and can miss events.
+fn capture_logs() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(|| ThreadCapture)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
+    });
+    tracing::callsite::rebuild_interest_cache();
+    CAPTURED.with(|c| c.borrow_mut().clear());
+}
+
 /// An operator can follow each rescued job: one log line per job, with its id, kind, queue,
 /// the reason, the attempt and what happens next.
 #[tokio::test]
 async fn every_rescued_job_gets_a_log_line_saying_what_happens_next() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer({
-            let captured = captured.clone();
-            move || captured.clone()
-        })
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    capture_logs();
     let r = &HEARTBEATS;
     let db = db_with_leader().await;
     let mut client = db.client().await;
@@ -1051,7 +1065,9 @@ async fn every_rescued_job_gets_a_log_line_saying_what_happens_next() {
     let failed = r.seed(&client, r.state, 1, Some(1.0), 5, 5).await;
     let outcome = run(&*r.branch(""), &mut client).await;
     assert_eq!(outcome.rows, 3);
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = CAPTURED
+        .with(|c| String::from_utf8(c.borrow().clone()))
+        .unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
