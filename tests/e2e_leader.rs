@@ -177,11 +177,12 @@ fn a_candidate_without_a_connection_slot_backs_off_and_the_leader_keeps_its_sess
     let leader = Steward::spawn(role.url(), &[]);
     leader.wait_for(ACQUIRED, Duration::from_secs(30));
     // Split mode: the lock session, three loops, the health writer and the backlog reader.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while sessions().len() < 6 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", sessions());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_explained(
+        "the leader's six sessions",
+        Duration::from_secs(30),
+        || sessions().len() >= 6,
+        || format!("{:?}", sessions()),
+    );
     let before = sessions();
     let limit = |n: i32| {
         runtime.block_on(async {
@@ -207,15 +208,12 @@ fn a_candidate_without_a_connection_slot_backs_off_and_the_leader_keeps_its_sess
             })
             .collect()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while refusals().len() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            standby.raw_output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_explained(
+        "three refusals",
+        Duration::from_secs(30),
+        || refusals().len() >= 3,
+        || standby.raw_output(),
+    );
     // Backing off: each retry waits longer than the one before.
     let waits = refusals();
     assert!(waits[0] != waits[1] && waits[1] != waits[2], "{waits:?}");

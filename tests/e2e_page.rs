@@ -10,16 +10,7 @@ use support::*;
 
 /// Debian's Chromium, where CI installs it.
 fn chromium() -> Option<std::path::PathBuf> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .filter_map(|name| {
-            std::env::var_os("PATH").and_then(|path| {
-                std::env::split_paths(&path)
-                    .map(|dir| dir.join(name))
-                    .find(|p| p.exists())
-            })
-        })
-        .next()
+    find_on_path(&["chromium", "chromium-browser", "google-chrome"])
 }
 
 /// Runs Chromium headless on `url` with `extra` arguments; returns its stdout.

@@ -12,6 +12,7 @@ mod http;
 mod support;
 
 use http::http_get;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,11 +24,7 @@ const ALERT_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../dashboards
 
 /// The `prometheus` binary on PATH; `None` (test skipped) only outside CI.
 fn prometheus_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("prometheus"))
-            .find(|p| p.is_file())
-    });
+    let found = find_on_path(&["prometheus"]);
     if found.is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -44,19 +41,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("finding a free port")
-}
-
-/// Percent-encodes a PromQL expression for a query string.
-fn encode(query: &str) -> String {
-    query
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A Prometheus server of its own, scraping `targets` as job "steward" every second.
@@ -117,7 +101,8 @@ impl Prometheus {
 
     /// The values of an instant query's series.
     fn query(&self, expr: &str) -> Vec<f64> {
-        let (status, body) = self.get(&format!("/api/v1/query?query={}", encode(expr)));
+        let query = utf8_percent_encode(expr, NON_ALPHANUMERIC);
+        let (status, body) = self.get(&format!("/api/v1/query?query={query}"));
         assert_eq!(status, 200, "query {expr}: {body}");
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         json["data"]["result"]
@@ -144,7 +129,8 @@ impl Prometheus {
         })
     }
 
-    /// Polls `condition` until it holds; fails naming `what` after `within`.
+    /// Polls `condition` until it holds, listing the active alerts if it does not within
+    /// `within`; returns how long it took.
     fn wait_until(
         &self,
         what: &str,
@@ -152,14 +138,12 @@ impl Prometheus {
         condition: impl Fn(&Prometheus) -> bool,
     ) -> Duration {
         let started = Instant::now();
-        while !condition(self) {
-            assert!(
-                started.elapsed() < within,
-                "waited {within:?} for {what}; active alerts: {}",
-                self.get("/api/v1/alerts").1
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until_explained(
+            what,
+            within,
+            || condition(self),
+            || format!("active alerts: {}", self.get("/api/v1/alerts").1),
+        );
         started.elapsed()
     }
 }

@@ -37,15 +37,6 @@ async fn connect(url: &str) -> Client {
     client
 }
 
-/// Polls `condition` every 50 ms until it holds; fails naming `what` after `within`.
-fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn count(steward: &Steward, message: &str) -> usize {
     steward
         .logs()

@@ -182,27 +182,6 @@ fn series_of(exposition: &str, sample: &str) -> Vec<std::collections::BTreeMap<S
         .collect()
 }
 
-fn wait_until(what: &str, within: Duration, check: impl FnMut() -> bool) {
-    wait_until_explained(what, within, check, String::new)
-}
-
-fn wait_until_explained(
-    what: &str,
-    within: Duration,
-    mut check: impl FnMut() -> bool,
-    explain: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            explain()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_leader_exports_every_metric_and_answers_health_checks() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -724,19 +703,19 @@ fn the_leader_names_a_candidate_whose_configuration_differs() {
         warning.field("candidate").and_then(|v| v.as_str()),
         Some(standby_instance.as_str())
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let counted = || -> Vec<String> {
         let (_, body) = leader.get("/metrics");
-        let counted: Vec<&str> = body
-            .lines()
+        body.lines()
             .filter(|l| l.starts_with("steward_candidates{") && l.ends_with(" 1"))
-            .collect();
-        if counted.len() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "candidates: {counted:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until_explained(
+        "two candidate configurations counted",
+        Duration::from_secs(60),
+        || counted().len() == 2,
+        || format!("{:?}", counted()),
+    );
     let warnings = leader
         .logs()
         .iter()

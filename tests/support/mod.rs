@@ -109,3 +109,39 @@ pub fn steward(database_url: &str, args: &[&str]) -> (Option<i32>, String, Strin
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Polls `check` every 50 ms until it holds; fails naming `what` after `within`.
+#[allow(dead_code)] // not used by every suite
+pub fn wait_until(what: &str, within: Duration, check: impl FnMut() -> bool) {
+    wait_until_explained(what, within, check, String::new)
+}
+
+/// [`wait_until`], with `explain` adding what was seen to the failure.
+#[allow(dead_code)] // not used by every suite
+pub fn wait_until_explained(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            explain()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first of `names` found on PATH.
+#[allow(dead_code)] // not used by every suite
+pub fn find_on_path(names: &[&str]) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}

@@ -91,24 +91,11 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let server_url = self.server_url.clone();
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: use a private one on a plain thread.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let admin = try_admin_client(&server_url).await.ok()?;
-                admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
+        let dropped = run_on_a_plain_thread(
+            &self.server_url,
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+        if !dropped {
             eprintln!(
                 "steward-testkit: could not drop test database {}",
                 self.name
@@ -148,6 +135,25 @@ async fn try_admin_client(server_url: &str) -> Result<Client, tokio_postgres::Er
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// Runs `sql` (one or more statements) as the admin of `server_url`, for cleanups in `Drop`:
+/// they run outside any runtime guarantee, so on a plain thread with a private runtime. True
+/// when every statement succeeded.
+fn run_on_a_plain_thread(server_url: &str, sql: String) -> bool {
+    let server_url = server_url.to_owned();
+    let ran = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async {
+            let admin = try_admin_client(&server_url).await.ok()?;
+            admin.batch_execute(&sql).await.ok()
+        })
+    })
+    .join();
+    matches!(ran, Ok(Some(())))
 }
 
 async fn admin_client(server_url: &str) -> Client {
@@ -285,34 +291,18 @@ fn url_as(url: &str, user: &str) -> String {
 
 impl Drop for TestRole {
     fn drop(&mut self) {
-        let (url, role) = (self.server_url.clone(), self.name.clone());
-        // Drop runs outside any runtime guarantee: use a private one on a plain thread.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let admin = try_admin_client(&url).await.ok()?;
-                admin
-                    .batch_execute(&format!("ALTER ROLE {role} NOLOGIN"))
-                    .await
-                    .ok()?;
-                admin
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                        &[&role],
-                    )
-                    .await
-                    .ok()?;
-                admin
-                    .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
+        let role = &self.name;
+        // The role's sessions end first: a role with sessions cannot be dropped.
+        let dropped = run_on_a_plain_thread(
+            &self.server_url,
+            format!(
+                "ALTER ROLE {role} NOLOGIN;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';
+                 DROP OWNED BY {role};
+                 DROP ROLE {role};"
+            ),
+        );
+        if !dropped {
             eprintln!("steward-testkit: could not drop role {}", self.name);
         }
     }
