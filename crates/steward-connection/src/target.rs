@@ -2,7 +2,7 @@
 
 use crate::tls::{Tls, TlsParams};
 use crate::{describe_pg_error, redact_url, SchemaName, SslMode, TlsSetupError};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -111,13 +111,19 @@ impl Ended {
 }
 
 /// Where a queue lives (a database and the schema holding Steward's tables) and how to reach
-/// it: the parsed URL with the schema pinned in `search_path`, its TLS setting, and the
-/// session settings of the sessions opened from it. Built and validated once; cheap to clone.
+/// it: the parsed URL, its TLS setting, and the session settings (the schema pinned in
+/// `search_path` first) of the sessions opened from it. Built and validated once; cheap to clone.
+///
+/// Session settings are sent with `SET` once the session is open, not as the startup packet's
+/// `options`: PgBouncer refuses a startup parameter it does not know, and a `SET` also wins over
+/// a value a DBA set for the role or database.
 #[derive(Clone)]
 pub struct Target {
     config: Config,
     tls: Tls,
     schema: SchemaName,
+    /// (name, value) in the order first set; a later `with_setting` of a name replaces its value.
+    settings: Vec<(String, String)>,
     /// The URL as given with its password replaced, for logs and errors.
     redacted: String,
 }
@@ -145,11 +151,11 @@ impl Target {
         let target = Self {
             config,
             tls,
-            schema,
+            schema: schema.clone(),
             redacted,
+            settings: Vec::new(),
         };
-        let pin = format!("search_path={}", target.schema);
-        Ok(target.with_option(&pin))
+        Ok(target.with_setting("search_path", schema))
     }
 
     pub fn schema(&self) -> &SchemaName {
@@ -174,9 +180,32 @@ impl Target {
     }
 
     /// The same target with a server setting for every session, e.g.
-    /// `with_setting("idle_in_transaction_session_timeout", "60000ms")`.
+    /// `with_setting("idle_in_transaction_session_timeout", "60000ms")`. `name` is a setting's
+    /// name as code writes it, never user input; the value is sent as a quoted literal.
     pub fn with_setting(&self, name: &str, value: impl fmt::Display) -> Target {
-        self.with_option(&format!("{name}={value}"))
+        let mut target = self.clone();
+        let value = value.to_string();
+        match target.settings.iter_mut().find(|(n, _)| n == name) {
+            Some(setting) => setting.1 = value,
+            None => target.settings.push((name.to_owned(), value)),
+        }
+        target
+    }
+
+    /// The value every session of this target gets for `name`, if Steward sets it.
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// One batch of `SET` statements for the session settings (sent right after connecting).
+    fn set_statements(&self) -> String {
+        self.settings
+            .iter()
+            .map(|(name, value)| format!("SET {name} = '{}';", value.replace('\'', "''")))
+            .collect()
     }
 
     /// The same target with `liveness` on both ends of every session.
@@ -204,16 +233,6 @@ impl Target {
             .keepalives_retries(liveness.keepalive_retries)
             .tcp_user_timeout(liveness.user_timeout())
             .connect_timeout(Duration::from_secs(10));
-        target
-    }
-
-    fn with_option(&self, setting: &str) -> Target {
-        let mut target = self.clone();
-        let options = match self.config.get_options() {
-            Some(existing) if !existing.is_empty() => format!("{existing} -c {setting}"),
-            _ => format!("-c {setting}"),
-        };
-        target.config.options(&options);
         target
     }
 
@@ -247,8 +266,15 @@ impl Target {
             None => Manager::from_config(self.config.clone(), NoTls, manager_config),
             Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), manager_config),
         };
+        let set = self.set_statements();
         Pool::builder(manager)
             .max_size(max_size)
+            .post_create(Hook::async_fn(move |client, _| {
+                let set = set.clone();
+                Box::pin(
+                    async move { client.batch_execute(&set).await.map_err(HookError::Backend) },
+                )
+            }))
             .build()
             .map_err(|e| ConnectError::Pool {
                 target: self.describe(),
@@ -273,19 +299,24 @@ impl Target {
             target: self.describe(),
             cause,
         };
-        match self.tls.connector() {
+        let client = match self.tls.connector() {
             None => {
                 let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
                 tokio::spawn(driver.drive(connection));
-                Ok(client)
+                client
             }
             Some(tls) => {
                 let (client, connection) =
                     self.config.connect(tls.clone()).await.map_err(failed)?;
                 tokio::spawn(driver.drive(connection));
-                Ok(client)
+                client
             }
-        }
+        };
+        client
+            .batch_execute(&self.set_statements())
+            .await
+            .map_err(failed)?;
+        Ok(client)
     }
 
     /// user@hosts:port/database, never a password.
@@ -299,12 +330,20 @@ impl Target {
                 tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
             })
             .collect();
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        // libpq pairs hosts with ports by position; one port applies to every host.
+        let ports = self.config.get_ports();
+        let hosts: Vec<String> = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect();
         format!(
-            "postgres://{}@{}:{}/{}",
+            "postgres://{}@{}/{}",
             self.config.get_user().unwrap_or("?"),
             hosts.join(","),
-            port,
             self.config.get_dbname().unwrap_or("?")
         )
     }
@@ -413,25 +452,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pins_search_path_and_keeps_options() {
+    fn pins_search_path_with_set_and_keeps_the_urls_options() {
         let schema = SchemaName::new("s1").unwrap();
         let t = Target::new(
             "postgres://u@h/db?options=-c%20statement_timeout%3D5s",
             schema,
         )
         .unwrap();
-        assert_eq!(
-            t.config().get_options(),
-            Some("-c statement_timeout=5s -c search_path=s1")
-        );
+        assert_eq!(t.config().get_options(), Some("-c statement_timeout=5s"));
+        assert_eq!(t.set_statements(), "SET search_path = 's1';");
         assert_eq!(t.config().get_application_name(), Some("steward"));
         let named = t
             .named("steward:x:leader")
-            .with_setting("lock_timeout", "1s");
+            .with_setting("lock_timeout", "1s")
+            .with_setting("application_name", "it's")
+            .with_setting("lock_timeout", "2s");
         assert_eq!(
-            named.config().get_options(),
-            Some("-c statement_timeout=5s -c search_path=s1 -c lock_timeout=1s")
+            named.set_statements(),
+            "SET search_path = 's1';SET lock_timeout = '2s';SET application_name = 'it''s';"
         );
+        assert_eq!(named.setting("lock_timeout"), Some("2s"));
         assert_eq!(
             named.config().get_application_name(),
             Some("steward:x:leader")

@@ -11,6 +11,10 @@
 //! Throwaway clusters come in two [`Tuning`]s: fast for tests (no fsync), and stock PostgreSQL
 //! settings for benchmarks ([`start_cluster_tuned`]).
 
+mod pgbouncer;
+
+pub use pgbouncer::{PgBouncer, PoolMode};
+
 use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

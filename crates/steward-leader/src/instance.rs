@@ -76,7 +76,15 @@ impl Instance {
             std::process::id(),
             rand::random::<u16>()
         );
-        let sessions = target.with_liveness(&settings.liveness());
+        // A DBA's role- or database-level timeouts must not end Steward's sessions: the lock
+        // session is idle for most of a term and waits for the lock without limit, and every
+        // pass is bounded by Steward's own timeouts.
+        let sessions = target
+            .with_liveness(&settings.liveness())
+            .with_setting("idle_session_timeout", 0)
+            .with_setting("idle_in_transaction_session_timeout", 0)
+            .with_setting("statement_timeout", 0)
+            .with_setting("lock_timeout", 0);
         // A paused leader cannot hold a transaction (and with it the next term's start) open
         // for longer than this.
         let work_sessions = sessions.with_setting(

@@ -8,6 +8,7 @@ mod drift;
 mod health;
 mod instance;
 mod observe;
+pub mod pinning;
 mod plan;
 mod runner;
 mod session;
@@ -43,6 +44,8 @@ pub enum LeaderError {
     Schema(#[from] steward_schema::SchemaError),
     #[error(transparent)]
     Connect(#[from] steward_connection::ConnectError),
+    #[error(transparent)]
+    Pinning(#[from] pinning::PinningError),
     #[error("{what} ({target}), for {for_:?}; giving up: {error}")]
     Refused {
         what: &'static str,
@@ -109,14 +112,6 @@ impl Candidate {
 
     pub fn health(&self) -> HealthRegistry {
         self.health.clone()
-    }
-
-    /// Validates the URL's server and the schema version once, with errors an operator can
-    /// act on.
-    pub async fn check(&self) -> Result<(), LeaderError> {
-        let client = self.target.named("steward:check").connect().await?;
-        steward_schema::check_schema(&client, self.target.schema()).await?;
-        Ok(())
     }
 
     /// Stands aside (logged once, `/readyz` says why) while the schema is newer than this
@@ -197,6 +192,7 @@ impl Candidate {
         let mut refused_since: Option<std::time::Instant> = None;
         // Whether the server was last seen refusing writes (logged once per change).
         let mut read_only = false;
+        let mut pinning_checked = false;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -237,6 +233,23 @@ impl Candidate {
                 }
             };
             refused_since = None;
+            // Once per process: a target that moves sessions between backends (a transaction
+            // pooler) can never carry the lock, so that is refused rather than retried.
+            if !pinning_checked {
+                match pinning::check(&self.instance.session("check")).await {
+                    Ok(()) => pinning_checked = true,
+                    Err(error @ pinning::PinningError::Pooled { .. }) => return Err(error.into()),
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.settings.reconnect_max);
+                        continue;
+                    }
+                }
+            }
             match steward_schema::check_schema(session.client(), self.target.schema()).await {
                 Ok(_) => {}
                 // A database error here (a restart, a dropped connection) is retried like any

@@ -62,23 +62,40 @@ UPDATE leader SET resigned_at = now(), promote_wakeup_at = NULL WHERE id = 1 AND
 pub const READ_ONLY: &str =
     "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool";
 
+/// The term's probe: [`READ_ONLY`], and whether this session's backend still holds the
+/// leadership lock `$1` (a bigint advisory lock shows in `pg_locks` as classid, objid = its
+/// high and low 32 bits, objsubid = 1). Reads the lock table, no user table.
+pub const PROBE: &str = "
+SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool,
+    EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted AND objsubid = 1
+            AND ((classid::int8 << 32) | objid::int8) = hashtextextended($1, 0))";
+
 /// Why the leader connection's probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeError {
     /// The server answered but refuses writes now (see [`READ_ONLY`]).
     ReadOnly,
+    /// The session's backend does not hold the lock (see [`PROBE`]).
+    LockLost,
     Failed(String),
 }
 
 pub struct LeaderSession {
     client: Client,
     ended: Ended,
+    lock_name: String,
 }
 
 impl LeaderSession {
     pub async fn open(target: &Target) -> Result<Self, ConnectError> {
         let (client, ended) = target.connect_watched().await?;
-        Ok(Self { client, ended })
+        Ok(Self {
+            client,
+            ended,
+            lock_name: lock_name(target.schema()),
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -119,12 +136,14 @@ impl LeaderSession {
             .get(0))
     }
 
-    /// Round-trip time of the read-only check ([`READ_ONLY`]), or why it failed: no answer
-    /// within `timeout`, or a server that no longer accepts writes.
+    /// Round-trip time of the [`PROBE`], or why it failed: no answer within `timeout`, a
+    /// server that no longer accepts writes, or a lock this session's backend does not hold.
     pub async fn probe(&self, timeout: Duration) -> Result<Duration, ProbeError> {
         let started = Instant::now();
-        match tokio::time::timeout(timeout, self.client.query_one(READ_ONLY, &[])).await {
+        let lock_name: &(dyn tokio_postgres::types::ToSql + Sync) = &self.lock_name;
+        match tokio::time::timeout(timeout, self.client.query_one(PROBE, &[lock_name])).await {
             Ok(Ok(row)) if row.get::<_, bool>(0) => Err(ProbeError::ReadOnly),
+            Ok(Ok(row)) if !row.get::<_, bool>(1) => Err(ProbeError::LockLost),
             Ok(Ok(_)) => Ok(started.elapsed()),
             Ok(Err(e)) => Err(ProbeError::Failed(e.to_string())),
             Err(_) => Err(ProbeError::Failed(format!("no answer within {timeout:?}"))),

@@ -132,6 +132,10 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                     stop.stop(Duration::ZERO);
                     break TermEnd::Lost(READ_ONLY_SERVER.to_owned());
                 }
+                Err(ProbeError::LockLost) => {
+                    stop.stop(Duration::ZERO);
+                    break TermEnd::Lost("the leader session no longer holds the leadership lock".to_owned());
+                }
                 Err(ProbeError::Failed(reason)) => {
                     stop.stop(Duration::ZERO);
                     break TermEnd::Lost(format!("leader connection probe failed: {reason}"));
