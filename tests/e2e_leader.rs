@@ -223,3 +223,71 @@ fn a_candidate_without_a_connection_slot_backs_off_and_the_leader_keeps_its_sess
     limit(-1);
     standby.wait_for(STANDING_BY, Duration::from_secs(60));
 }
+
+/// Timeouts a DBA set low for Steward's role do not end its sessions: the leader's lock session
+/// sits idle past `idle_session_timeout` (its probe runs every 5 s here), and a standby waits for
+/// the lock past `statement_timeout` and `lock_timeout`, all in one term.
+#[test]
+fn role_level_timeouts_do_not_end_the_lock_session_or_the_standbys_wait() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let role = runtime.block_on(TestRole::maintenance(&db));
+    let admin = runtime.block_on(db.client());
+    runtime.block_on(async {
+        admin
+            .batch_execute(&format!(
+                "ALTER ROLE {0} SET idle_session_timeout = '2s';
+                 ALTER ROLE {0} SET idle_in_transaction_session_timeout = '1s';
+                 ALTER ROLE {0} SET statement_timeout = '500ms';
+                 ALTER ROLE {0} SET lock_timeout = '500ms'",
+                role.name()
+            ))
+            .await
+            .unwrap()
+    });
+    let args = ["--set", "leader.probe_interval=5s"];
+    let leader = Steward::spawn(role.url(), &args);
+    let acquired = leader.wait_for(ACQUIRED, Duration::from_secs(30));
+    let instance = acquired
+        .field("instance")
+        .and_then(|v| v.as_str())
+        .unwrap()
+        .to_owned();
+    let standby = Steward::spawn(role.url(), &args);
+    standby.wait_for(STANDING_BY, Duration::from_secs(30));
+    let lock_session = format!("steward:{instance}:leader");
+    let observed = || -> (bool, bool) {
+        runtime.block_on(async {
+            let row = admin
+                .query_one(
+                    "SELECT
+                        coalesce(bool_or(application_name = $2 AND state = 'idle'
+                            AND clock_timestamp() - state_change > interval '3s'), false),
+                        coalesce(bool_or(application_name <> $2 AND application_name LIKE 'steward:%:leader'
+                            AND wait_event_type = 'Lock'
+                            AND clock_timestamp() - query_start > interval '1s'), false)
+                     FROM pg_stat_activity WHERE usename = $1",
+                    &[&role.name(), &lock_session],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        })
+    };
+    wait_until_explained(
+        "the lock session idle for over 3 s while the standby waits for the lock for over 1 s",
+        Duration::from_secs(30),
+        || observed() == (true, true),
+        || {
+            format!(
+                "{:?}\n--- leader:\n{}\n--- standby:\n{}",
+                observed(),
+                leader.raw_output(),
+                standby.raw_output()
+            )
+        },
+    );
+    assert!(leader.find("leadership lost; back to standby").is_none());
+    assert!(standby.find(ACQUIRED).is_none());
+    assert!(standby.find("waiting for leadership failed; retrying").is_none());
+}
