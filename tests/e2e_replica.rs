@@ -188,3 +188,59 @@ fn a_leader_whose_server_turns_read_only_ends_its_term_and_leads_again_when_it_i
     leader.signal("TERM");
     assert_eq!(leader.wait_exit(Duration::from_secs(30)), Some(0));
 }
+
+/// A libpq multi-host URL naming the standby first and the primary second, with
+/// `target_session_attrs=read-write`: Steward leads on the primary without ever standing aside
+/// on the standby, and after the primary stops and the standby is promoted it leads there,
+/// with the URL unchanged.
+#[test]
+fn a_multi_host_url_with_target_session_attrs_read_write_follows_the_primary_through_a_failover() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some(primary) = throwaway(&runtime) else {
+        return;
+    };
+    let (code, _, stderr) = steward(primary.url(), &["migrate"]);
+    assert_eq!(code, Some(0), "migrate: {stderr}");
+    let replica = runtime.block_on(primary.start_replica()).unwrap();
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        replica.port().unwrap(),
+        primary.port().unwrap()
+    );
+    let mut steward = Steward::spawn(&url, &[]);
+    let first = steward.wait_for("leadership acquired", Duration::from_secs(30));
+    assert_eq!(first.field("epoch").and_then(|e| e.as_i64()), Some(1));
+    let leads_on = |server: &Server| {
+        runtime.block_on(async {
+            connect(server.url())
+                .await
+                .query_opt(
+                    "SELECT epoch FROM steward.leader WHERE id = 1 AND resigned_at IS NULL
+                       AND backend_pid IN (SELECT pid FROM pg_stat_activity)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get::<_, i64>(0))
+        })
+    };
+    assert_eq!(leads_on(&primary), Some(1));
+
+    let failover = Instant::now();
+    runtime.block_on(primary.stop_fast()).unwrap();
+    runtime.block_on(replica.promote()).unwrap();
+    wait_until_explained(
+        "a term on the promoted standby",
+        Duration::from_secs(60),
+        || count(&steward, "leadership acquired") == 2,
+        || steward.raw_output(),
+    );
+    println!(
+        "led on the promoted standby {:.2} s after the primary was stopped",
+        failover.elapsed().as_secs_f64()
+    );
+    assert_eq!(leads_on(&replica), Some(2));
+    assert_eq!(count(&steward, REFUSES_WRITES), 0);
+    steward.signal("TERM");
+    assert_eq!(steward.wait_exit(Duration::from_secs(30)), Some(0));
+}
