@@ -289,5 +289,50 @@ fn role_level_timeouts_do_not_end_the_lock_session_or_the_standbys_wait() {
     );
     assert!(leader.find("leadership lost; back to standby").is_none());
     assert!(standby.find(ACQUIRED).is_none());
-    assert!(standby.find("waiting for leadership failed; retrying").is_none());
+    assert!(standby
+        .find("waiting for leadership failed; retrying")
+        .is_none());
+}
+
+/// A standby logged in as a role that may not end the leader's sessions says once, when it
+/// first sees that leader, that it could not take over from it if it wedged; a standby of the
+/// leader's own role, or of a role granted pg_signal_backend, does not.
+#[test]
+fn a_standby_whose_role_cannot_end_the_leaders_sessions_says_so_once() {
+    const CANNOT: &str = "this standby cannot take over if the leader wedges: its role may not end the leader's sessions (that needs the leader role's privileges or pg_signal_backend, and a superuser's sessions need a superuser); run every steward as the same role, or grant pg_signal_backend to this one";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let leader_role = runtime.block_on(TestRole::maintenance(&db));
+    let other_role = runtime.block_on(TestRole::maintenance(&db));
+    let args = ["--set", "leader.wedge_check_interval=100ms"];
+    let leader = Steward::spawn(leader_role.url(), &args);
+    leader.wait_for(ACQUIRED, Duration::from_secs(30));
+
+    let same_role = Steward::spawn(leader_role.url(), &args);
+    same_role.wait_for(ANOTHER_LEADS, Duration::from_secs(30));
+    let other = Steward::spawn(other_role.url(), &args);
+    let warning = other.wait_for(CANNOT, Duration::from_secs(30));
+    assert_eq!(
+        warning.field("leader_role").and_then(|v| v.as_str()),
+        Some(leader_role.name())
+    );
+    assert_eq!(
+        warning.field("role").and_then(|v| v.as_str()),
+        Some(other_role.name())
+    );
+
+    runtime.block_on(async {
+        db.client()
+            .await
+            .batch_execute(&format!("GRANT pg_signal_backend TO {}", other_role.name()))
+            .await
+            .unwrap()
+    });
+    let granted = Steward::spawn(other_role.url(), &args);
+    granted.wait_for(ANOTHER_LEADS, Duration::from_secs(30));
+    // `other` kept checking the leader meanwhile (every 100 ms); it said so once, for the term.
+    let count = |s: &Steward| s.logs().iter().filter(|l| l.message() == CANNOT).count();
+    assert_eq!(count(&other), 1, "{}", other.raw_output());
+    assert_eq!(count(&same_role), 0, "{}", same_role.raw_output());
+    assert_eq!(count(&granted), 0, "{}", granted.raw_output());
 }

@@ -182,6 +182,39 @@ SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
 FROM pg_stat_activity
 WHERE application_name LIKE $1 AND pid <> pg_backend_pid()";
 
+/// Whether this session's role may end the sessions of the leader's role, as the wedge
+/// takeover must: a superuser may end any; otherwise only non-superuser sessions of a role whose
+/// privileges it has, or any with `pg_signal_backend`. Returns the leader's role and the answer,
+/// or no row when the leader's backend is gone. Reads pg_stat_activity and pg_roles.
+pub const CAN_END_LEADER: &str = "
+SELECT a.usename::text,
+    me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(current_user, a.usesysid, 'USAGE')
+        OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
+FROM pg_stat_activity a
+JOIN pg_roles them ON them.oid = a.usesysid
+JOIN pg_roles me ON me.rolname = current_user
+WHERE a.pid = (SELECT backend_pid FROM leader WHERE id = 1)";
+
+/// Says once per term, as a warning, when this standby could not take over from the leader if
+/// it wedged: the wedge takeover ends the leader's sessions, which its role may not do.
+async fn warn_if_takeover_cannot_work(client: &tokio_postgres::Client, epoch: i64, leader: &str) {
+    match client.query_opt(CAN_END_LEADER, &[]).await {
+        Ok(Some(row)) if !row.get::<_, bool>(1) => {
+            let leader_role: String = row.get(0);
+            let own_role = client
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .map(|r| r.get::<_, String>(0))
+                .unwrap_or_else(|_| "this role".to_owned());
+            tracing::warn!(epoch, %leader, %leader_role, role = %own_role, "this standby cannot take over if the leader wedges: its role may not end the leader's sessions (that needs the leader role's privileges or pg_signal_backend, and a superuser's sessions need a superuser); run every steward as the same role, or grant pg_signal_backend to this one");
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::debug!(error = %describe_pg_error(&error), "could not check whether a wedge takeover could end the leader's sessions")
+        }
+    }
+}
+
 /// Standby side: while waiting for the lock, take over from a leader that holds it but has made
 /// no progress for `wedge_timeout` (runtime stuck, process paused) by ending its sessions.
 pub(crate) async fn watch_for_wedged_leader(
@@ -218,6 +251,7 @@ pub(crate) async fn watch_for_wedged_leader(
         // Once per term: who this standby waits behind.
         if leading.as_ref() != Some(&(epoch, instance.clone())) && instance != *own_instance {
             tracing::info!(leader = %instance, epoch, "standing by: another instance leads");
+            warn_if_takeover_cannot_work(c, epoch, &instance).await;
             leading = Some((epoch, instance.clone()));
         }
         let Some(age) = age else { continue };
