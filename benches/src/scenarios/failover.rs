@@ -1,7 +1,9 @@
 //! Scenario 4, failover: real `steward run` processes. A leader runs and a standby waits in
 //! `pg_advisory_lock`; the leader gets SIGKILL; the time is from the kill to the standby's
 //! "first branch pass of the term" log line with class=slo (the line's own timestamp).
-//! The standby then leads, a new standby joins, and the next trial starts.
+//! The standby then leads, a new standby joins, and the next trial starts. The same trials run
+//! again through a PgBouncer in session mode (its default configuration) in front of the server,
+//! where one is installed.
 
 use crate::db::Pg;
 use crate::hist::{Hist, Quantiles};
@@ -30,6 +32,17 @@ pub struct FailoverResult {
     /// SIGKILL to the standby's "leadership acquired" (lock taken, term started).
     pub acquired_ms: Quantiles,
     pub samples_ms: Vec<f64>,
+    /// The same through PgBouncer (session mode); `None` where PgBouncer is not installed.
+    pub pgbouncer: Option<Trials>,
+    /// Why the PgBouncer trials did not run.
+    pub pgbouncer_skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Trials {
+    pub failover_ms: Quantiles,
+    pub acquired_ms: Quantiles,
+    pub samples_ms: Vec<f64>,
 }
 
 pub async fn run(
@@ -38,20 +51,81 @@ pub async fn run(
     s: &Settings,
 ) -> anyhow::Result<(FailoverResult, Vec<Target>)> {
     let db = pg.create("failover").await?;
-    let result = run_on(&db.url, bin, s).await;
+    let direct = run_on(&db.url, bin, s, "").await;
+    let pooled = match direct {
+        Ok(_) => through_pgbouncer(&db.url, bin, s).await,
+        Err(_) => Ok(Err("the direct trials failed".to_owned())),
+    };
     pg.drop_db(db).await;
-    result
+    let direct = direct?;
+    let (pgbouncer, pgbouncer_skipped) = match pooled? {
+        Ok(trials) => (Some(trials), None),
+        Err(why) => (None, Some(why)),
+    };
+    let result = FailoverResult {
+        trials: s.trials,
+        settle_ms: s.settle.as_millis() as u64,
+        steward_bin: bin.display().to_string(),
+        failover_ms: direct.failover_ms,
+        acquired_ms: direct.acquired_ms,
+        samples_ms: direct.samples_ms,
+        pgbouncer,
+        pgbouncer_skipped,
+    };
+    let mut targets = vec![Target::below(
+        "failover p99 (SIGKILL to the standby's first SLO pass)",
+        result.failover_ms.p99,
+        100.0,
+        "ms",
+    )];
+    if let Some(pooled) = &result.pgbouncer {
+        targets.push(Target::below(
+            "failover p99 through PgBouncer (session mode)",
+            pooled.failover_ms.p99,
+            100.0,
+            "ms",
+        ));
+    }
+    Ok((result, targets))
+}
+
+/// The trials through a PgBouncer started in front of `url`'s server; Ok(Err(why)) when none
+/// is installed.
+async fn through_pgbouncer(
+    url: &str,
+    bin: &Path,
+    s: &Settings,
+) -> anyhow::Result<Result<Trials, String>> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => return Ok(Err("the server is not reached over TCP".to_owned())),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let pgbouncer = match steward_devdb::PgBouncer::start(
+        &host,
+        port,
+        steward_devdb::PoolMode::Session,
+        &[user],
+    )
+    .await
+    {
+        Ok(pgbouncer) => pgbouncer,
+        Err(error) if error.to_string().contains("no pgbouncer") => {
+            return Ok(Err(error.to_string()))
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let pooled_url = pgbouncer.url(user, config.get_dbname().unwrap_or("postgres"));
+    Ok(Ok(run_on(&pooled_url, bin, s, " through PgBouncer").await?))
 }
 
 fn ms_since(from: SystemTime, to: SystemTime) -> Duration {
     to.duration_since(from).unwrap_or_default()
 }
 
-async fn run_on(
-    url: &str,
-    bin: &Path,
-    s: &Settings,
-) -> anyhow::Result<(FailoverResult, Vec<Target>)> {
+async fn run_on(url: &str, bin: &Path, s: &Settings, via: &str) -> anyhow::Result<Trials> {
     let mut leader = StewardProcess::spawn(bin, url, &[])?;
     leader.wait_message(ACQUIRED, WAIT).await?;
     let (mut failover, mut acquired) = (Hist::new(), Hist::new());
@@ -74,28 +148,18 @@ async fn run_on(
             acquired.record(ms_since(killed_at, line.at));
         }
         crate::progress(format!(
-            "failover: trial {trial}/{}: {:.1} ms",
+            "failover{via}: trial {trial}/{}: {:.1} ms",
             s.trials,
             took.as_secs_f64() * 1000.0
         ));
         leader = standby;
     }
     leader.terminate(Duration::from_secs(10)).await;
-    let result = FailoverResult {
-        trials: s.trials,
-        settle_ms: s.settle.as_millis() as u64,
-        steward_bin: bin.display().to_string(),
+    Ok(Trials {
         failover_ms: failover.summary(),
         acquired_ms: acquired.summary(),
         samples_ms: samples,
-    };
-    let targets = vec![Target::below(
-        "failover p99 (SIGKILL to the standby's first SLO pass)",
-        result.failover_ms.p99,
-        100.0,
-        "ms",
-    )];
-    Ok((result, targets))
+    })
 }
 
 pub fn render(r: &FailoverResult) -> String {
@@ -129,5 +193,27 @@ pub fn render(r: &FailoverResult) -> String {
     ]));
     let samples: Vec<String> = r.samples_ms.iter().map(|v| num(*v)).collect();
     let _ = writeln!(out, "  samples (ms): {}", samples.join(", "));
+    match (&r.pgbouncer, &r.pgbouncer_skipped) {
+        (Some(p), _) => {
+            out.push_str(&table(&[
+                vec![
+                    "through PgBouncer (session mode), SIGKILL to".to_owned(),
+                    "trials".to_owned(),
+                    "p50 ms".to_owned(),
+                    "p99 ms".to_owned(),
+                    "max ms".to_owned(),
+                    "mean ms".to_owned(),
+                ],
+                q("standby leadership acquired", &p.acquired_ms),
+                q("standby first SLO pass", &p.failover_ms),
+            ]));
+            let samples: Vec<String> = p.samples_ms.iter().map(|v| num(*v)).collect();
+            let _ = writeln!(out, "  samples (ms): {}", samples.join(", "));
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "  through PgBouncer: not run ({why})");
+        }
+        (None, None) => {}
+    }
     out
 }

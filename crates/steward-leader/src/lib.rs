@@ -114,6 +114,16 @@ impl Candidate {
         self.health.clone()
     }
 
+    /// Validates once, with errors an operator can act on: the URL's server, the schema
+    /// version, and that sessions keep their server backend (no transaction pooler between).
+    pub async fn check(&self) -> Result<(), LeaderError> {
+        let target = self.instance.session("check");
+        let client = target.connect().await?;
+        steward_schema::check_schema(&client, self.target.schema()).await?;
+        pinning::check(&target).await?;
+        Ok(())
+    }
+
     /// Stands aside (logged once, `/readyz` says why) while the schema is newer than this
     /// steward, rechecking every 10 s on `session`; true when `shutdown` came first, false
     /// when the schema check no longer finds it newer (or the session failed: the caller
