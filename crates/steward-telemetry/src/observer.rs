@@ -4,11 +4,11 @@
 
 use crate::names::*;
 use metrics::{Counter, Gauge, Histogram, Label};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::SystemTime;
-use steward_branches::{BacklogKind, Observation, RescueReason};
+use steward_branches::{table_health, BacklogKind, Observation, RescueReason};
 use steward_leader::{
     BacklogReport, BranchRun, CandidateSeen, LeadershipEvent, LoopPlan, Observer, OverrunState,
     Transition, BACKLOG_TASK,
@@ -135,6 +135,58 @@ impl MetricsObserver {
     }
 }
 
+/// The series table_health sets, per table and per index.
+const TABLE_METRICS: &[&str] = &[
+    TABLE_LIVE_TUPLES,
+    TABLE_DEAD_TUPLES,
+    TABLE_BYTES,
+    TABLE_BLOAT_BYTES,
+    TABLE_LAST_VACUUM,
+    TABLE_LAST_ANALYZE,
+];
+const INDEX_METRICS: &[&str] = &[INDEX_BYTES, INDEX_BLOAT_BYTES, INDEX_INVALID];
+
+impl MetricsObserver {
+    /// Sets the gauges of every table and index in `report`, and drops to 0 those of tables
+    /// and indexes it no longer lists (a dropped leftover index must not stay invalid).
+    fn table_health(&self, report: &table_health::Report) {
+        let mut seen: HashSet<(&'static str, Vec<String>)> = HashSet::new();
+        let mut set = |name: &'static str, pairs: &[(&'static str, String)], value: f64| {
+            self.gauge(name, pairs).set(value);
+            seen.insert((name, pairs.iter().map(|(_, v)| v.clone()).collect()));
+        };
+        for t in &report.tables {
+            let labels = [("table", t.table.clone())];
+            set(TABLE_LIVE_TUPLES, &labels, t.live_tuples as f64);
+            set(TABLE_DEAD_TUPLES, &labels, t.dead_tuples as f64);
+            set(TABLE_BYTES, &labels, t.bytes as f64);
+            set(
+                TABLE_BLOAT_BYTES,
+                &labels,
+                t.bloat_bytes.unwrap_or(0) as f64,
+            );
+            set(TABLE_LAST_VACUUM, &labels, t.last_vacuum.unwrap_or(0.0));
+            set(TABLE_LAST_ANALYZE, &labels, t.last_analyze.unwrap_or(0.0));
+        }
+        for i in &report.indexes {
+            let labels = [("table", i.table.clone()), ("index", i.index.clone())];
+            set(INDEX_BYTES, &labels, i.bytes as f64);
+            set(
+                INDEX_BLOAT_BYTES,
+                &labels,
+                i.bloat_bytes.unwrap_or(0) as f64,
+            );
+            set(INDEX_INVALID, &labels, if i.valid { 0.0 } else { 1.0 });
+        }
+        for gauge in self.gauges.values_where(|(name, values)| {
+            (TABLE_METRICS.contains(name) || INDEX_METRICS.contains(name))
+                && !seen.contains(&(*name, values.clone()))
+        }) {
+            gauge.set(0.0);
+        }
+    }
+}
+
 /// The labels of every per-branch series: the branch, its class and the loop that runs it.
 fn branch_labels(branch: &str, class: &str, loop_name: &str) -> [(&'static str, String); 3] {
     [
@@ -223,6 +275,7 @@ impl Observer for MetricsObserver {
                 Observation::OldestAvailableAge { queue, seconds } => self
                     .gauge(QUEUE_OLDEST_AVAILABLE_AGE, &[("queue", queue.clone())])
                     .set(*seconds),
+                Observation::TableHealth(report) => self.table_health(report),
                 Observation::Skipped { .. } => self.counter(BRANCH_SKIPPED, &labels).increment(1),
             }
         }
