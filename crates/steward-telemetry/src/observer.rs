@@ -412,6 +412,106 @@ mod tests {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    fn health_run(observations: &[Observation]) -> BranchRun<'_> {
+        BranchRun {
+            branch: "table_health",
+            class: Class::Hygiene,
+            loop_name: "hygiene",
+            observations,
+            ..run(1, OverrunState::OnTime, Transition::None)
+        }
+    }
+
+    fn health_report(indexes: &[(&str, bool)]) -> table_health::Report {
+        table_health::Report {
+            tables: vec![table_health::TableStats {
+                table: "jobs".into(),
+                live_tuples: 10,
+                dead_tuples: 4,
+                bytes: 81920,
+                bloat_bytes: None,
+                last_vacuum: Some(1_700_000_000.5),
+                last_analyze: None,
+            }],
+            indexes: indexes
+                .iter()
+                .map(|(index, valid)| table_health::IndexStats {
+                    table: "jobs".into(),
+                    index: (*index).into(),
+                    bytes: 16384,
+                    bloat_bytes: Some(8192),
+                    valid: *valid,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn table_health_sets_a_gauge_per_table_and_index_and_zeroes_what_is_gone() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let observer = MetricsObserver::new("host-1-00aa");
+            let first = [Observation::TableHealth(health_report(&[
+                ("jobs_pkey", true),
+                ("jobs_pkey_ccnew", false),
+            ]))];
+            observer.branch_run(&health_run(&first));
+            let text = handle.render();
+            for (series, value) in [
+                (r#"steward_table_live_tuples{table="jobs"}"#, 10.0),
+                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
+                (r#"steward_table_bytes{table="jobs"}"#, 81920.0),
+                (r#"steward_table_bloat_bytes{table="jobs"}"#, 0.0),
+                (
+                    r#"steward_table_last_vacuum_timestamp_seconds{table="jobs"}"#,
+                    1_700_000_000.5,
+                ),
+                (
+                    r#"steward_table_last_analyze_timestamp_seconds{table="jobs"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    16384.0,
+                ),
+                (
+                    r#"steward_index_bloat_bytes{table="jobs",index="jobs_pkey"}"#,
+                    8192.0,
+                ),
+                (r#"steward_index_invalid{table="jobs",index="jobs_pkey"}"#, 0.0),
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    1.0,
+                ),
+            ] {
+                assert_eq!(sample(&text, series), Some(value), "{series} in {text}");
+            }
+
+            // The leftover was dropped: its series fall to 0, the others keep their values.
+            let second = [Observation::TableHealth(health_report(&[("jobs_pkey", true)]))];
+            observer.branch_run(&health_run(&second));
+            let text = handle.render();
+            for (series, value) in [
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    16384.0,
+                ),
+                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
+            ] {
+                assert_eq!(sample(&text, series), Some(value), "{series} in {text}");
+            }
+        });
+    }
+
     const DELAYED: &str = r#"steward_maintenance_branch_delayed{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
     const OVERRUNS: &str = r#"steward_maintenance_branch_overrun_total{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
 
