@@ -398,7 +398,10 @@ impl TableHealth {
         }
         candidates()
             .filter(|i| i.stats.valid)
-            .filter(|i| i.bloat_ratio.is_some_and(|r| r > self.config.reindex_bloat_ratio))
+            .filter(|i| {
+                i.bloat_ratio
+                    .is_some_and(|r| r > self.config.reindex_bloat_ratio)
+            })
             .filter(|i| {
                 i.stats
                     .bloat_bytes
@@ -615,7 +618,15 @@ mod tests {
 
     #[test]
     fn bad_windows_say_what_is_expected() {
-        for bad in ["", "02:00", "2:00-04:00", "02:00-24:00", "25:00-04:00", "02:00-04:00-05:00", "two-four"] {
+        for bad in [
+            "",
+            "02:00",
+            "2:00-04:00",
+            "02:00-24:00",
+            "25:00-04:00",
+            "02:00-04:00-05:00",
+            "two-four",
+        ] {
             assert_eq!(
                 bad.parse::<MaintenanceWindow>(),
                 Err(BadWindow::Format),
@@ -647,7 +658,12 @@ mod tests {
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
-            ["window", "reindex_bloat_ratio", "reindex_min_bytes", "reindex_timeout"]
+            [
+                "window",
+                "reindex_bloat_ratio",
+                "reindex_min_bytes",
+                "reindex_timeout"
+            ]
         );
         assert_eq!(Config::default().validate(), vec![]);
     }

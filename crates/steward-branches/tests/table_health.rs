@@ -119,7 +119,10 @@ async fn failed_reindex(client: &Client) -> &'static str {
         .await
         .unwrap();
     let invalid = invalid_indexes(client).await;
-    assert!(invalid.iter().any(|i| i == "jobs_boom_idx_ccnew"), "{invalid:?}");
+    assert!(
+        invalid.iter().any(|i| i == "jobs_boom_idx_ccnew"),
+        "{invalid:?}"
+    );
     "jobs_boom_idx_ccnew"
 }
 
@@ -248,10 +251,7 @@ async fn reports_every_table_and_index_of_its_schema_only() {
         "a fresh b-tree with statistics is estimated: {pkey:?}"
     );
     // Freshly built and filled in order: little or no bloat.
-    assert!(
-        pkey.bloat_bytes.unwrap() <= pkey.bytes / 2,
-        "{pkey:?}"
-    );
+    assert!(pkey.bloat_bytes.unwrap() <= pkey.bytes / 2, "{pkey:?}");
 }
 
 #[tokio::test]
@@ -309,7 +309,8 @@ async fn dead_tuples_vacuums_and_index_bloat_are_seen() {
     let jobs = report.tables.iter().find(|t| t.table == "jobs").unwrap();
     assert_eq!(jobs.live_tuples, 2000, "{jobs:?}");
     assert!(
-        jobs.bloat_bytes.is_some_and(|b| b as f64 > 0.5 * jobs.bytes as f64),
+        jobs.bloat_bytes
+            .is_some_and(|b| b as f64 > 0.5 * jobs.bytes as f64),
         "nine rows in ten are free space now: {jobs:?}"
     );
 }
@@ -340,11 +341,18 @@ async fn an_invalid_index_is_reported_and_the_default_repairs_nothing() {
         ["jobs_boom_idx_ccnew", "jobs_queue_unique_idx"],
         "nothing dropped"
     );
-    assert_eq!(filenode(&client, "jobs_pkey").await, pkey, "nothing rebuilt");
+    assert_eq!(
+        filenode(&client, "jobs_pkey").await,
+        pkey,
+        "nothing rebuilt"
+    );
 
     // A window is not enough: reindex must be on.
-    let windowed: Config =
-        toml::from_str(&format!("window = \"{}\"\nreindex_min_bytes = 0", window(true))).unwrap();
+    let windowed: Config = toml::from_str(&format!(
+        "window = \"{}\"\nreindex_min_bytes = 0",
+        window(true)
+    ))
+    .unwrap();
     let outcome = run(&TableHealth::new(windowed), &mut client).await;
     assert_eq!(outcome.rows, 0);
     assert_eq!(invalid_indexes(&client).await.len(), 2);
@@ -395,7 +403,10 @@ async fn in_its_window_it_drops_a_leftover_first_then_rebuilds_bloated_indexes_o
         .indexes
         .iter()
         .filter(|i| i.valid)
-        .partition(|i| i.bloat_bytes.is_some_and(|b| b as f64 > 0.5 * i.bytes as f64));
+        .partition(|i| {
+            i.bloat_bytes
+                .is_some_and(|b| b as f64 > 0.5 * i.bytes as f64)
+        });
     assert!(!bloated.is_empty(), "{:?}", report(&before));
     assert_eq!(before.rows, 1);
     bloated.sort_by_key(|i| std::cmp::Reverse(i.bloat_bytes));

@@ -479,7 +479,10 @@ mod tests {
                     r#"steward_index_bloat_bytes{table="jobs",index="jobs_pkey"}"#,
                     8192.0,
                 ),
-                (r#"steward_index_invalid{table="jobs",index="jobs_pkey"}"#, 0.0),
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey"}"#,
+                    0.0,
+                ),
                 (
                     r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
                     1.0,
@@ -489,7 +492,10 @@ mod tests {
             }
 
             // The leftover was dropped: its series fall to 0, the others keep their values.
-            let second = [Observation::TableHealth(health_report(&[("jobs_pkey", true)]))];
+            let second = [Observation::TableHealth(health_report(&[(
+                "jobs_pkey",
+                true,
+            )]))];
             observer.branch_run(&health_run(&second));
             let text = handle.render();
             for (series, value) in [
