@@ -28,6 +28,12 @@
 //! its data would fail again. An index of a table with an index build in progress is left alone.
 //! A repair needs the table's owner (the maintenance role of `steward role create` is not): a
 //! refused one is reported as skipped. `rows` counts repairs.
+//!
+//! A repair cannot run in a transaction, so it is not fenced itself: the pass checks its term in
+//! the fenced transaction that reads the indexes just before, and a session-level advisory lock
+//! ([`TRY_LOCK_REPAIRS`]) keeps a second instance (a new term's leader, say) from starting a
+//! repair while one runs. Two repairs of one index would be safe anyway: each waits for the
+//! other's lock on the table, and a drop is `IF EXISTS`.
 
 use crate::config::branch_settings;
 use crate::{Branch, BranchContext, BranchError, Class, InvalidConfig, Observation, Outcome};
