@@ -43,6 +43,8 @@ const FAST: &[&str] = &[
     "branches.queue_stats.interval=200ms",
     "--set",
     "branches.cron_sync.interval=200ms",
+    "--set",
+    "branches.table_health.interval=1s",
 ];
 
 /// Jobs for every SLO branch: due soon, stale heartbeat, expired deadline, expired callback,

@@ -23,6 +23,7 @@ pub mod rescue_expired_callbacks;
 pub mod rescue_expired_deadlines;
 pub mod rescue_stale_heartbeats;
 pub mod rotate_archive;
+pub mod table_health;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -312,6 +313,9 @@ pub enum Observation {
         queue: String,
         seconds: f64,
     },
+    /// Steward's tables and indexes as `table_health` read them: every one of them each pass,
+    /// so that what is missing is gone.
+    TableHealth(table_health::Report),
     /// Input the branch could not use (a cron expression that does not parse...): skipped
     /// and reported, never fatal to the branch.
     Skipped {
@@ -458,6 +462,7 @@ registry! {
     recompute_dirty_admin_metadata => RecomputeDirtyAdminMetadata,
     priority_aging => PriorityAging,
     rotate_archive => RotateArchive,
+    table_health => TableHealth,
 }
 
 impl BranchesConfig {

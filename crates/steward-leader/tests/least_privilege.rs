@@ -108,6 +108,8 @@ fn branches() -> BranchesConfig {
     c.recompute_dirty_admin_metadata.interval = fast;
     c.priority_aging.interval = fast;
     c.rotate_archive.interval = fast;
+    // Read-only (reindex is off by default): catalog and statistics views only.
+    c.table_health.interval = fast;
     assert_eq!(c.validate(), vec![]);
     c
 }

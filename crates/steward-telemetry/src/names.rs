@@ -33,6 +33,26 @@ pub const SERVER_READ_ONLY: &str = "steward_server_read_only";
 /// them: more than one series means a failover would change how the queue is maintained.
 pub const CANDIDATES: &str = "steward_candidates";
 
+/// Live rows of one of Steward's tables (table_health; a partitioned table's partitions summed).
+pub const TABLE_LIVE_TUPLES: &str = "steward_table_live_tuples";
+/// Dead rows not yet vacuumed away, per table.
+pub const TABLE_DEAD_TUPLES: &str = "steward_table_dead_tuples";
+/// A table's size on disk without its indexes (heap, TOAST, free space and visibility maps).
+pub const TABLE_BYTES: &str = "steward_table_bytes";
+/// A table's estimated bloat, from the statistics of its last VACUUM or ANALYZE (0 without).
+pub const TABLE_BLOAT_BYTES: &str = "steward_table_bloat_bytes";
+/// When a table was last vacuumed (manual or auto), Unix time; 0: never.
+pub const TABLE_LAST_VACUUM: &str = "steward_table_last_vacuum_timestamp_seconds";
+/// When a table was last analyzed (manual or auto), Unix time; 0: never.
+pub const TABLE_LAST_ANALYZE: &str = "steward_table_last_analyze_timestamp_seconds";
+/// An index's size on disk.
+pub const INDEX_BYTES: &str = "steward_index_bytes";
+/// An index's estimated bloat (b-trees on plain columns with statistics; 0 otherwise).
+pub const INDEX_BLOAT_BYTES: &str = "steward_index_bloat_bytes";
+/// 1 while an index is invalid (`pg_index.indisvalid = false`: the leftover of a failed
+/// `CREATE INDEX CONCURRENTLY` or `REINDEX CONCURRENTLY`, or one being built), else 0.
+pub const INDEX_INVALID: &str = "steward_index_invalid";
+
 /// What a metric is in the Prometheus exposition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -112,6 +132,15 @@ pub const ALL: &[Metric] = &[
         Kind::Gauge,
         &["version", "loop_mode", "config_digest"],
     ),
+    metric(TABLE_LIVE_TUPLES, Kind::Gauge, &["table"]),
+    metric(TABLE_DEAD_TUPLES, Kind::Gauge, &["table"]),
+    metric(TABLE_BYTES, Kind::Gauge, &["table"]),
+    metric(TABLE_BLOAT_BYTES, Kind::Gauge, &["table"]),
+    metric(TABLE_LAST_VACUUM, Kind::Gauge, &["table"]),
+    metric(TABLE_LAST_ANALYZE, Kind::Gauge, &["table"]),
+    metric(INDEX_BYTES, Kind::Gauge, &["table", "index"]),
+    metric(INDEX_BLOAT_BYTES, Kind::Gauge, &["table", "index"]),
+    metric(INDEX_INVALID, Kind::Gauge, &["table", "index"]),
 ];
 
 /// The metric of this name, if Steward exports it.

@@ -4,11 +4,11 @@
 
 use crate::names::*;
 use metrics::{Counter, Gauge, Histogram, Label};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::SystemTime;
-use steward_branches::{BacklogKind, Observation, RescueReason};
+use steward_branches::{table_health, BacklogKind, Observation, RescueReason};
 use steward_leader::{
     BacklogReport, BranchRun, CandidateSeen, LeadershipEvent, LoopPlan, Observer, OverrunState,
     Transition, BACKLOG_TASK,
@@ -135,6 +135,58 @@ impl MetricsObserver {
     }
 }
 
+/// The series table_health sets, per table and per index.
+const TABLE_METRICS: &[&str] = &[
+    TABLE_LIVE_TUPLES,
+    TABLE_DEAD_TUPLES,
+    TABLE_BYTES,
+    TABLE_BLOAT_BYTES,
+    TABLE_LAST_VACUUM,
+    TABLE_LAST_ANALYZE,
+];
+const INDEX_METRICS: &[&str] = &[INDEX_BYTES, INDEX_BLOAT_BYTES, INDEX_INVALID];
+
+impl MetricsObserver {
+    /// Sets the gauges of every table and index in `report`, and drops to 0 those of tables
+    /// and indexes it no longer lists (a dropped leftover index must not stay invalid).
+    fn table_health(&self, report: &table_health::Report) {
+        let mut seen: HashSet<(&'static str, Vec<String>)> = HashSet::new();
+        let mut set = |name: &'static str, pairs: &[(&'static str, String)], value: f64| {
+            self.gauge(name, pairs).set(value);
+            seen.insert((name, pairs.iter().map(|(_, v)| v.clone()).collect()));
+        };
+        for t in &report.tables {
+            let labels = [("table", t.table.clone())];
+            set(TABLE_LIVE_TUPLES, &labels, t.live_tuples as f64);
+            set(TABLE_DEAD_TUPLES, &labels, t.dead_tuples as f64);
+            set(TABLE_BYTES, &labels, t.bytes as f64);
+            set(
+                TABLE_BLOAT_BYTES,
+                &labels,
+                t.bloat_bytes.unwrap_or(0) as f64,
+            );
+            set(TABLE_LAST_VACUUM, &labels, t.last_vacuum.unwrap_or(0.0));
+            set(TABLE_LAST_ANALYZE, &labels, t.last_analyze.unwrap_or(0.0));
+        }
+        for i in &report.indexes {
+            let labels = [("table", i.table.clone()), ("index", i.index.clone())];
+            set(INDEX_BYTES, &labels, i.bytes as f64);
+            set(
+                INDEX_BLOAT_BYTES,
+                &labels,
+                i.bloat_bytes.unwrap_or(0) as f64,
+            );
+            set(INDEX_INVALID, &labels, if i.valid { 0.0 } else { 1.0 });
+        }
+        for gauge in self.gauges.values_where(|(name, values)| {
+            (TABLE_METRICS.contains(name) || INDEX_METRICS.contains(name))
+                && !seen.contains(&(*name, values.clone()))
+        }) {
+            gauge.set(0.0);
+        }
+    }
+}
+
 /// The labels of every per-branch series: the branch, its class and the loop that runs it.
 fn branch_labels(branch: &str, class: &str, loop_name: &str) -> [(&'static str, String); 3] {
     [
@@ -223,6 +275,7 @@ impl Observer for MetricsObserver {
                 Observation::OldestAvailableAge { queue, seconds } => self
                     .gauge(QUEUE_OLDEST_AVAILABLE_AGE, &[("queue", queue.clone())])
                     .set(*seconds),
+                Observation::TableHealth(report) => self.table_health(report),
                 Observation::Skipped { .. } => self.counter(BRANCH_SKIPPED, &labels).increment(1),
             }
         }
@@ -357,6 +410,112 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn health_run(observations: &[Observation]) -> BranchRun<'_> {
+        BranchRun {
+            branch: "table_health",
+            class: Class::Hygiene,
+            loop_name: "hygiene",
+            observations,
+            ..run(1, OverrunState::OnTime, Transition::None)
+        }
+    }
+
+    fn health_report(indexes: &[(&str, bool)]) -> table_health::Report {
+        table_health::Report {
+            tables: vec![table_health::TableStats {
+                table: "jobs".into(),
+                live_tuples: 10,
+                dead_tuples: 4,
+                bytes: 81920,
+                bloat_bytes: None,
+                last_vacuum: Some(1_700_000_000.5),
+                last_analyze: None,
+            }],
+            indexes: indexes
+                .iter()
+                .map(|(index, valid)| table_health::IndexStats {
+                    table: "jobs".into(),
+                    index: (*index).into(),
+                    bytes: 16384,
+                    bloat_bytes: Some(8192),
+                    valid: *valid,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn table_health_sets_a_gauge_per_table_and_index_and_zeroes_what_is_gone() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let observer = MetricsObserver::new("host-1-00aa");
+            let first = [Observation::TableHealth(health_report(&[
+                ("jobs_pkey", true),
+                ("jobs_pkey_ccnew", false),
+            ]))];
+            observer.branch_run(&health_run(&first));
+            let text = handle.render();
+            for (series, value) in [
+                (r#"steward_table_live_tuples{table="jobs"}"#, 10.0),
+                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
+                (r#"steward_table_bytes{table="jobs"}"#, 81920.0),
+                (r#"steward_table_bloat_bytes{table="jobs"}"#, 0.0),
+                (
+                    r#"steward_table_last_vacuum_timestamp_seconds{table="jobs"}"#,
+                    1_700_000_000.5,
+                ),
+                (
+                    r#"steward_table_last_analyze_timestamp_seconds{table="jobs"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    16384.0,
+                ),
+                (
+                    r#"steward_index_bloat_bytes{table="jobs",index="jobs_pkey"}"#,
+                    8192.0,
+                ),
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    1.0,
+                ),
+            ] {
+                assert_eq!(sample(&text, series), Some(value), "{series} in {text}");
+            }
+
+            // The leftover was dropped: its series fall to 0, the others keep their values.
+            let second = [Observation::TableHealth(health_report(&[(
+                "jobs_pkey",
+                true,
+            )]))];
+            observer.branch_run(&health_run(&second));
+            let text = handle.render();
+            for (series, value) in [
+                (
+                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    16384.0,
+                ),
+                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
+            ] {
+                assert_eq!(sample(&text, series), Some(value), "{series} in {text}");
+            }
+        });
     }
 
     const DELAYED: &str = r#"steward_maintenance_branch_delayed{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
