@@ -29,6 +29,30 @@ fn throwaway(runtime: &tokio::runtime::Runtime) -> Option<Server> {
     }
 }
 
+/// A throwaway cluster with Steward's schema and a streaming replica of it that has replayed
+/// the schema; `None` as for [`throwaway`].
+fn migrated_primary_and_replica(runtime: &tokio::runtime::Runtime) -> Option<(Server, Server)> {
+    let primary = throwaway(runtime)?;
+    let (code, _, stderr) = steward(primary.url(), &["migrate"]);
+    assert_eq!(code, Some(0), "migrate: {stderr}");
+    let replica = runtime.block_on(primary.start_replica()).unwrap();
+    let standby_client = runtime.block_on(connect(replica.url()));
+    wait_until(
+        "the schema to reach the replica",
+        Duration::from_secs(30),
+        || {
+            runtime.block_on(async {
+                standby_client
+                    .query_one("SELECT to_regclass('steward.leader') IS NOT NULL", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, bool>(0)
+            })
+        },
+    );
+    Some((primary, replica))
+}
+
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -48,26 +72,10 @@ fn count(steward: &Steward, message: &str) -> usize {
 #[test]
 fn on_a_hot_standby_steward_waits_on_one_session_and_leads_once_it_is_promoted() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let Some(primary) = throwaway(&runtime) else {
+    let Some((_primary, replica)) = migrated_primary_and_replica(&runtime) else {
         return;
     };
-    let (code, _, stderr) = steward(primary.url(), &["migrate"]);
-    assert_eq!(code, Some(0), "migrate: {stderr}");
-    let replica = runtime.block_on(primary.start_replica()).unwrap();
     let standby_client = runtime.block_on(connect(replica.url()));
-    wait_until(
-        "the schema to reach the replica",
-        Duration::from_secs(30),
-        || {
-            runtime.block_on(async {
-                standby_client
-                    .query_one("SELECT to_regclass('steward.leader') IS NOT NULL", &[])
-                    .await
-                    .unwrap()
-                    .get::<_, bool>(0)
-            })
-        },
-    );
 
     let mut steward_on_replica = Steward::spawn(replica.url(), &[]);
     steward_on_replica.wait_for(REFUSES_WRITES, Duration::from_secs(30));
@@ -196,12 +204,9 @@ fn a_leader_whose_server_turns_read_only_ends_its_term_and_leads_again_when_it_i
 #[test]
 fn a_multi_host_url_with_target_session_attrs_read_write_follows_the_primary_through_a_failover() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let Some(primary) = throwaway(&runtime) else {
+    let Some((primary, replica)) = migrated_primary_and_replica(&runtime) else {
         return;
     };
-    let (code, _, stderr) = steward(primary.url(), &["migrate"]);
-    assert_eq!(code, Some(0), "migrate: {stderr}");
-    let replica = runtime.block_on(primary.start_replica()).unwrap();
     let url = format!(
         "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
         replica.port().unwrap(),

@@ -169,6 +169,30 @@ pub fn render(r: &FailoverResult) -> String {
         "failover: {} trials of SIGKILL to the leader while a standby waits ({})",
         r.trials, r.steward_bin
     );
+    render_trials(
+        &mut out,
+        "SIGKILL to",
+        &Trials {
+            failover_ms: r.failover_ms.clone(),
+            acquired_ms: r.acquired_ms.clone(),
+            samples_ms: r.samples_ms.clone(),
+        },
+    );
+    match (&r.pgbouncer, &r.pgbouncer_skipped) {
+        (Some(pooled), _) => render_trials(
+            &mut out,
+            "through PgBouncer (session mode), SIGKILL to",
+            pooled,
+        ),
+        (None, Some(why)) => {
+            let _ = writeln!(out, "  through PgBouncer: not run ({why})");
+        }
+        (None, None) => {}
+    }
+    out
+}
+
+fn render_trials(out: &mut String, heading: &str, t: &Trials) {
     let q = |name: &str, q: &Quantiles| {
         vec![
             name.to_owned(),
@@ -181,39 +205,16 @@ pub fn render(r: &FailoverResult) -> String {
     };
     out.push_str(&table(&[
         vec![
-            "SIGKILL to".to_owned(),
+            heading.to_owned(),
             "trials".to_owned(),
             "p50 ms".to_owned(),
             "p99 ms".to_owned(),
             "max ms".to_owned(),
             "mean ms".to_owned(),
         ],
-        q("standby leadership acquired", &r.acquired_ms),
-        q("standby first SLO pass", &r.failover_ms),
+        q("standby leadership acquired", &t.acquired_ms),
+        q("standby first SLO pass", &t.failover_ms),
     ]));
-    let samples: Vec<String> = r.samples_ms.iter().map(|v| num(*v)).collect();
+    let samples: Vec<String> = t.samples_ms.iter().map(|v| num(*v)).collect();
     let _ = writeln!(out, "  samples (ms): {}", samples.join(", "));
-    match (&r.pgbouncer, &r.pgbouncer_skipped) {
-        (Some(p), _) => {
-            out.push_str(&table(&[
-                vec![
-                    "through PgBouncer (session mode), SIGKILL to".to_owned(),
-                    "trials".to_owned(),
-                    "p50 ms".to_owned(),
-                    "p99 ms".to_owned(),
-                    "max ms".to_owned(),
-                    "mean ms".to_owned(),
-                ],
-                q("standby leadership acquired", &p.acquired_ms),
-                q("standby first SLO pass", &p.failover_ms),
-            ]));
-            let samples: Vec<String> = p.samples_ms.iter().map(|v| num(*v)).collect();
-            let _ = writeln!(out, "  samples (ms): {}", samples.join(", "));
-        }
-        (None, Some(why)) => {
-            let _ = writeln!(out, "  through PgBouncer: not run ({why})");
-        }
-        (None, None) => {}
-    }
-    out
 }
