@@ -13,6 +13,7 @@ mod plan;
 mod runner;
 mod session;
 mod settings;
+pub mod share;
 pub mod status;
 mod term;
 mod tracker;
