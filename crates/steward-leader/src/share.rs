@@ -289,6 +289,7 @@ mod tests {
         fleet.join("later-9-00fe");
         // At most one queue handed over a round, and none while one waits: 32 to hand over.
         let rounds = fleet.settle(80).expect("settled");
+        println!("50 queues: 2 joins settled in {rounds} rounds");
         assert!(rounds <= 64, "{rounds}");
         // A queue handed over is taken in the round it was released, or the next.
         assert!(fleet.worst_unled <= 1, "{}", fleet.worst_unled);
@@ -327,6 +328,7 @@ mod tests {
         // 27 processes at up to cap(10,000, 27) = 372 hand queues over, each at most one a
         // round, until all are within cap(10,000, 32) = 314: 58 handovers each at most.
         let rounds = fleet.settle(200).expect("settled");
+        println!("10,000 queues: 5 joins settled in {rounds} rounds");
         assert!(rounds <= 2 * 58 + 2, "{rounds}");
         assert!(fleet.worst_unled <= 1, "{}", fleet.worst_unled);
     }
