@@ -780,3 +780,73 @@ fn a_steward_older_than_the_schema_stands_aside_and_a_newer_one_refuses_to_start
         newer.raw_output()
     );
 }
+
+/// A database holding several queues (schemas) and no schema named: one line per queue, the
+/// one nobody leads flagged, exit 2 until every queue has a leader. Naming a schema still gives
+/// that queue's full status.
+#[test]
+fn status_without_a_schema_summarises_every_queue_and_flags_one_without_a_leader() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    for schema in ["tenant_b", "tenant_c"] {
+        let (code, _, stderr) = steward(&url, &["migrate", "--schema", schema]);
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let default = db.schema().to_string();
+    let leaders: Vec<Steward> = [default.as_str(), "tenant_b"]
+        .iter()
+        .map(|schema| Steward::spawn(&url, &["--schema", schema]))
+        .collect();
+    for leader in &leaders {
+        leader.wait_for("leadership acquired", Duration::from_secs(30));
+    }
+
+    let (code, stdout, stderr) = steward(&url, &["status"]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let line = |schema: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(schema))
+            .unwrap_or_else(|| panic!("no line for {schema}:\n{stdout}"))
+            .to_owned()
+    };
+    for schema in [default.as_str(), "tenant_b"] {
+        let instance = leaders[if schema == "tenant_b" { 1 } else { 0 }]
+            .find("leadership acquired")
+            .and_then(|l| {
+                l.field("instance")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap();
+        assert!(line(schema).contains(&instance), "{stdout}");
+    }
+    assert!(line("tenant_c").contains("NO LEADER"), "{stdout}");
+    assert!(
+        stdout.contains("3 queues: 1 with problems, 1 without a leader"),
+        "{stdout}"
+    );
+    let (_, json, _) = steward(&url, &["status", "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(summary["healthy"], false);
+    assert_eq!(
+        summary["queues"].as_array().map(Vec::len),
+        Some(3),
+        "{json}"
+    );
+
+    // The full status of one queue when it is named.
+    let (code, stdout, _) = steward(&url, &["status", "--schema", "tenant_b"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("leader: "), "{stdout}");
+
+    let third = Steward::spawn(&url, &["--schema", "tenant_c"]);
+    third.wait_for("leadership acquired", Duration::from_secs(30));
+    let (code, stdout, _) = steward(&url, &["status"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("3 queues: 0 with problems, 0 without a leader"),
+        "{stdout}"
+    );
+}

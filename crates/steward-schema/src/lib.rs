@@ -3,9 +3,11 @@
 //! `steward-connection`'s.
 
 mod migrate;
+mod queues;
 mod role;
 
 pub use migrate::{
     check_schema, latest_version, migrate, migrations_fingerprint, MigrateReport, SchemaError,
 };
+pub use queues::{discover_queues, QUEUES};
 pub use role::{create_maintenance_role, RoleError};

@@ -46,6 +46,11 @@ impl DbArgs {
         config::load(self.config.as_deref(), overrides)
     }
 
+    /// Whether a schema was named (flag, environment or configuration file).
+    pub fn names_a_schema(&self, config: &config::Config) -> bool {
+        self.schema.is_some() || config.schema.is_some()
+    }
+
     /// The queue's target: flags and environment first, then `config`.
     pub fn target(&self, config: &config::Config) -> anyhow::Result<Target> {
         let database_url = self
@@ -106,8 +111,9 @@ enum Command {
     /// Stand for election and, when elected, run the maintenance branches until SIGTERM/SIGINT.
     Run(run::RunArgs),
     /// Who leads, and per branch: last run, duration, start delay, overrun state, last error.
-    /// Exit code: 0 healthy; 1 unreachable or not migrated; 2 no leader, a leader making no
-    /// progress, or an SLO branch delayed.
+    /// With no schema named and several queues in the database: one line per queue. Exit code:
+    /// 0 healthy; 1 unreachable or not migrated; 2 no leader, a leader making no progress, or an
+    /// SLO branch delayed (in any queue).
     Status {
         #[command(flatten)]
         db: DbArgs,
@@ -235,15 +241,42 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Status { db, json, watch } => {
             let read = || async {
-                let target = db.target(&db.load_config(&[])?)?;
+                let config = db.load_config(&[])?;
+                let target = db.target(&config)?;
                 let client = connect(&target, "steward:status").await?;
-                steward_schema::check_schema(&client, target.schema()).await?;
-                Ok(steward_leader::status::read(&client, target.schema()).await?)
+                // No schema named and several queues in the database: a line for each.
+                if !db.names_a_schema(&config) {
+                    let queues = steward_schema::discover_queues(&client).await?;
+                    if queues.len() > 1 {
+                        let mut all = Vec::new();
+                        for schema in queues {
+                            let status = queue_status(&client, &schema).await;
+                            all.push((schema.to_string(), status.map_err(|e| format!("{e:#}"))));
+                        }
+                        return Ok(status::Reading::Queues(all));
+                    }
+                }
+                Ok(status::Reading::Queue(
+                    queue_status(&client, target.schema()).await?,
+                ))
             };
             return Ok(status::command(read, json, watch).await);
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The status of the queue in `schema`, read over `client` with its search path set there.
+async fn queue_status(
+    client: &tokio_postgres::Client,
+    schema: &SchemaName,
+) -> anyhow::Result<steward_leader::status::Status> {
+    // A validated schema name is a plain identifier (SchemaName), safe to splice.
+    client
+        .batch_execute(&format!("SET search_path = {schema}"))
+        .await?;
+    steward_schema::check_schema(client, schema).await?;
+    Ok(steward_leader::status::read(client, schema).await?)
 }
 
 /// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.

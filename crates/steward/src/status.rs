@@ -1,7 +1,8 @@
 //! `steward status`: who leads, every candidate, and how each branch is doing, from any host
-//! with database access ([`steward_leader::status`]). The exit code is for scripts: 0 healthy;
+//! with database access ([`steward_leader::status`]); or, where the database holds several
+//! queues and no schema was named, one line per queue. The exit code is for scripts: 0 healthy;
 //! 1 the database cannot be reached or the schema is not migrated; 2 no leader, a leader
-//! making no progress, or an SLO branch delayed.
+//! making no progress, or an SLO branch delayed (in any queue).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -72,24 +73,66 @@ impl Verdict {
     }
 }
 
-/// Reads the status with `read` and prints it, once or (with `watch`) every two seconds in
-/// place; returns the exit code of the last reading. Writing to a closed pipe ends quietly.
+/// What one reading found: one queue in detail, or every queue of the database (its schema,
+/// and its status or why it could not be read).
+pub enum Reading {
+    Queue(Status),
+    Queues(Vec<(String, Result<Status, String>)>),
+}
+
+impl Reading {
+    fn render(&self, json: bool) -> (String, ExitCode) {
+        match self {
+            Reading::Queue(status) => {
+                let verdict = Verdict::of(status);
+                let text = if json {
+                    json_text(status, &verdict)
+                } else {
+                    table(status, &verdict)
+                };
+                (text, verdict.exit_code())
+            }
+            Reading::Queues(queues) => {
+                let verdicts: Vec<Verdict> = queues
+                    .iter()
+                    .map(|(_, status)| match status {
+                        Ok(status) => Verdict::of(status),
+                        Err(error) => Verdict {
+                            healthy: false,
+                            problems: vec![error.clone()],
+                        },
+                    })
+                    .collect();
+                let healthy = verdicts.iter().all(|v| v.healthy);
+                let text = if json {
+                    summary_json(queues, &verdicts, healthy)
+                } else {
+                    summary_table(queues, &verdicts)
+                };
+                let code = if healthy {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                };
+                (text, code)
+            }
+        }
+    }
+}
+
+/// Reads with `read` and prints it, once or (with `watch`) every two seconds in place; returns
+/// the exit code of the last reading. Writing to a closed pipe ends quietly.
 pub async fn command<F, Fut>(read: F, json: bool, watch: bool) -> ExitCode
 where
     F: Fn() -> Fut,
-    Fut: Future<Output = anyhow::Result<Status>>,
+    Fut: Future<Output = anyhow::Result<Reading>>,
 {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
         let (text, code, to_stderr) = match read().await {
-            Ok(status) => {
-                let verdict = Verdict::of(&status);
-                let text = if json {
-                    json_text(&status, &verdict)
-                } else {
-                    table(&status, &verdict)
-                };
-                (text, verdict.exit_code(), false)
+            Ok(reading) => {
+                let (text, code) = reading.render(json);
+                (text, code, false)
             }
             Err(error) if json => (
                 format!("{}\n", serde_json::json!({ "error": format!("{error:#}") })),
@@ -137,6 +180,82 @@ fn json_text(status: &Status, verdict: &Verdict) -> String {
         "{}\n",
         serde_json::to_string_pretty(&value).unwrap_or_default()
     )
+}
+
+fn summary_json(
+    queues: &[(String, Result<Status, String>)],
+    verdicts: &[Verdict],
+    healthy: bool,
+) -> String {
+    let queues: Vec<serde_json::Value> = queues
+        .iter()
+        .zip(verdicts)
+        .map(|((schema, status), verdict)| {
+            let mut value = match status {
+                Ok(status) => serde_json::to_value(status).unwrap_or_default(),
+                Err(_) => serde_json::json!({ "schema": schema }),
+            };
+            if let Some(object) = value.as_object_mut() {
+                object.insert(
+                    "verdict".into(),
+                    serde_json::to_value(verdict).unwrap_or_default(),
+                );
+            }
+            value
+        })
+        .collect();
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&serde_json::json!({ "queues": queues, "healthy": healthy }))
+            .unwrap_or_default()
+    )
+}
+
+/// One line per queue: who leads it (or NO LEADER) and its problems.
+fn summary_table(queues: &[(String, Result<Status, String>)], verdicts: &[Verdict]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let width = queues
+        .iter()
+        .map(|(s, _)| s.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        w,
+        "{:<width$}  {:<32} {:>6}  {:<13} problems",
+        "queue", "leader", "epoch", "progress"
+    );
+    for ((schema, status), verdict) in queues.iter().zip(verdicts) {
+        let (leader, epoch, progress) = match status.as_ref().ok().and_then(|s| s.leader.as_ref()) {
+            Some(l) => (
+                l.instance.clone(),
+                l.epoch.to_string(),
+                ago(l.seconds_since_progress),
+            ),
+            None => ("NO LEADER".to_owned(), "-".to_owned(), "-".to_owned()),
+        };
+        let problems = if verdict.problems.is_empty() {
+            "-".to_owned()
+        } else {
+            verdict.problems.join("; ")
+        };
+        let _ = writeln!(
+            w,
+            "{schema:<width$}  {leader:<32} {epoch:>6}  {progress:<13} {problems}"
+        );
+    }
+    let unhealthy = verdicts.iter().filter(|v| !v.healthy).count();
+    let leaderless = queues
+        .iter()
+        .filter(|(_, s)| s.as_ref().map_or(true, |s| s.leader.is_none()))
+        .count();
+    let _ = writeln!(
+        w,
+        "\n{} queues: {unhealthy} with problems, {leaderless} without a leader",
+        queues.len()
+    );
+    out
 }
 
 fn ms(v: Option<f64>) -> String {
