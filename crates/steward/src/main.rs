@@ -256,9 +256,9 @@ async fn run_command(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                         return Ok(status::Reading::Queues(all));
                     }
                 }
-                Ok(status::Reading::Queue(
+                Ok(status::Reading::Queue(Box::new(
                     queue_status(&client, target.schema()).await?,
-                ))
+                )))
             };
             return Ok(status::command(read, json, watch).await);
         }

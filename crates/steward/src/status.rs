@@ -76,7 +76,7 @@ impl Verdict {
 /// What one reading found: one queue in detail, or every queue of the database (its schema,
 /// and its status or why it could not be read).
 pub enum Reading {
-    Queue(Status),
+    Queue(Box<Status>),
     Queues(Vec<(String, Result<Status, String>)>),
 }
 
