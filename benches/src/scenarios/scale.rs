@@ -17,7 +17,7 @@
 //! no leader and no flow running, for cleanup's rows/s against plain SQL.
 
 use crate::db::{settle, BenchDb, Pg};
-use crate::hist::{ratio, round2, round3, Hist, Quantiles};
+use crate::hist::{ratio, round2, round3, Quantiles};
 use crate::leader::Leader;
 use crate::procs::{rss_kib, StewardProcess, ACQUIRED, FIRST_PASS};
 use crate::recorder::{Recorder, Snapshot};
