@@ -211,7 +211,11 @@ pub fn draw_lines(path: &Path, panels: &[LinePanel]) -> anyhow::Result<()> {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
             chart
-                .draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+                .draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, color.filled())),
+                )
                 .map_err(|e| err(&e))?;
         }
         chart

@@ -453,7 +453,11 @@ fn quick_run_reports_every_scenario_with_every_key() {
     }
 
     let scale = &scenarios["scale"]["result"];
-    keys(scale, "scale", &["params", "sizes", "mass_rescue", "hygiene"]);
+    keys(
+        scale,
+        "scale",
+        &["params", "sizes", "mass_rescue", "hygiene"],
+    );
     let sizes = scale["sizes"].as_array().unwrap();
     assert_eq!(sizes.len(), 2, "quick mode seeds two sizes");
     for size in sizes {
@@ -491,7 +495,13 @@ fn quick_run_reports_every_scenario_with_every_key() {
             keys(
                 flow,
                 "scale flow",
-                &["rate", "achieved_rate", "promotion_lag_ms", "slo", "workload"],
+                &[
+                    "rate",
+                    "achieved_rate",
+                    "promotion_lag_ms",
+                    "slo",
+                    "workload",
+                ],
             );
             quantiles(&flow["promotion_lag_ms"], "scale promotion_lag_ms");
             let slo: Vec<&str> = flow["slo"]
@@ -564,10 +574,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    assert_eq!(
-        plots,
-        [svg.to_str().unwrap(), scale_svg.to_str().unwrap()]
-    );
+    assert_eq!(plots, [svg.to_str().unwrap(), scale_svg.to_str().unwrap()]);
     for path in [&svg, &scale_svg] {
         let svg_text = std::fs::read_to_string(path).expect("the SVG plot");
         assert!(svg_text.starts_with("<svg"), "not an SVG");

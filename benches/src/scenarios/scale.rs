@@ -340,7 +340,11 @@ fn targets(
     for (i, flow) in largest.flows.iter().enumerate() {
         let limit = if i == 0 { 25.0 } else { 50.0 };
         targets.push(Target::at_most(
-            format!("promotion lag p99, {} jobs/s{}", flow.rate, at(largest.rows)),
+            format!(
+                "promotion lag p99, {} jobs/s{}",
+                flow.rate,
+                at(largest.rows)
+            ),
             flow.promotion_lag_ms.p99,
             limit,
             "ms",
@@ -387,7 +391,10 @@ fn targets(
         ));
     }
     let runs = if s.quick {
-        format!(" [quick: {} runs; the target is set for 100,000]", rescue.dead_runs)
+        format!(
+            " [quick: {} runs; the target is set for 100,000]",
+            rescue.dead_runs
+        )
     } else {
         format!(" ({} runs)", rescue.dead_runs)
     };
@@ -519,7 +526,10 @@ async fn run_size(
             s.warmup.as_secs_f64(),
             s.window.as_secs_f64()
         ));
-        let queue = db.queue(params.producers + params.workers + 2, "steward-bench:workload")?;
+        let queue = db.queue(
+            params.producers + params.workers + 2,
+            "steward-bench:workload",
+        )?;
         let started = Instant::now();
         let running =
             Workload::start(queue, &db.target()?, workload_config(s, params, rate)).await?;
@@ -545,14 +555,12 @@ async fn run_size(
         if let Some(running) = workload.take() {
             let _ = Workload::stop(running).await;
         }
-        let queue = db.queue(params.producers + params.workers + 2, "steward-bench:workload")?;
+        let queue = db.queue(
+            params.producers + params.workers + 2,
+            "steward-bench:workload",
+        )?;
         workload = Some(
-            Workload::start(
-                queue,
-                &db.target()?,
-                workload_config(s, params, s.rates[0]),
-            )
-            .await?,
+            Workload::start(queue, &db.target()?, workload_config(s, params, s.rates[0])).await?,
         );
     }
 
@@ -935,7 +943,10 @@ async fn hygiene(
             s.warmup.as_secs_f64(),
             s.window.as_secs_f64()
         ));
-        let queue = db.queue(params.producers + params.workers + 2, "steward-bench:workload")?;
+        let queue = db.queue(
+            params.producers + params.workers + 2,
+            "steward-bench:workload",
+        )?;
         let workload =
             Workload::start(queue, &db.target()?, workload_config(s, params, s.rates[0])).await?;
         let (leader, recorder) = start_leader(db, config, mode).await?;
@@ -948,7 +959,11 @@ async fn hygiene(
         leader.stop().await?;
         let backlog_left = backlog_left(client).await?;
         let _ = workload.stop().await;
-        let cleanup = snapshot.branches.get("cleanup").cloned().unwrap_or_default();
+        let cleanup = snapshot
+            .branches
+            .get("cleanup")
+            .cloned()
+            .unwrap_or_default();
         let busy_s = cleanup
             .duration
             .summary()
@@ -995,8 +1010,10 @@ async fn hygiene(
             .await
             .context("the plain cleanup batch")?;
         let n: i64 = row.get(0);
-        let (Some(at), Some(id)) = (row.get::<_, Option<String>>(1), row.get::<_, Option<i64>>(2))
-        else {
+        let (Some(at), Some(id)) = (
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<i64>>(2),
+        ) else {
             break;
         };
         moved += n;
@@ -1053,7 +1070,14 @@ pub fn render(r: &ScaleResult) -> String {
     .to_vec()];
     for size in &r.sizes {
         let mut row = vec![size.rows.to_string()];
-        for part in ["completed", "failed", "cancelled", "scheduled", "running", "waiting_external"] {
+        for part in [
+            "completed",
+            "failed",
+            "cancelled",
+            "scheduled",
+            "running",
+            "waiting_external",
+        ] {
             row.push(
                 size.seed_parts
                     .iter()
