@@ -337,6 +337,12 @@ fn targets(
     let (Some(smallest), Some(largest)) = (sizes.first(), sizes.last()) else {
         return targets;
     };
+    targets.push(Target::below(
+        format!("seeding{}", at(largest.rows)),
+        Some(largest.seed_s),
+        180.0,
+        "s",
+    ));
     for (i, flow) in largest.flows.iter().enumerate() {
         let limit = if i == 0 { 25.0 } else { 50.0 };
         targets.push(Target::at_most(
