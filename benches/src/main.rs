@@ -170,7 +170,7 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     scale_warmup: Option<Duration>,
     /// Scale: finished jobs past retention for cleanup at the largest size, enough to outlast
-    /// the warm-up and the window. Default 5000000, quick 200000.
+    /// the warm-up and the window. Default 6000000, quick 400000.
     #[arg(long)]
     scale_backlog_rows: Option<i64>,
     /// Scale: running jobs of the fleet that dies at the largest size. Default 100000, quick
@@ -505,9 +505,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             horizon: warmup.min(Duration::from_secs(10)),
             backlog_rows: args
                 .scale_backlog_rows
-                .unwrap_or(pick(quick, 200_000, 5_000_000)),
+                .unwrap_or(pick(quick, 400_000, 6_000_000)),
             dead_runs: args.scale_dead_runs.unwrap_or(pick(quick, 10_000, 100_000)),
-            staleness: pick(quick, Duration::from_secs(1), Duration::from_secs(5)),
+            // The workers heartbeat every 500 ms, and a worker refuses a staleness under three
+            // heartbeat intervals.
+            staleness: pick(quick, Duration::from_secs(2), Duration::from_secs(5)),
             rss_window: pick(quick, Duration::from_millis(500), Duration::from_secs(20)),
         };
         let result = match &steward_bin {
