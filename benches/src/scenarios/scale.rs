@@ -745,7 +745,7 @@ async fn leader_rss(
     rows: i64,
 ) -> anyhow::Result<(Option<f64>, Option<f64>)> {
     crate::progress(format!(
-        "scale: {rows} rows, steward run leading for {:.0} s (RSS)",
+        "scale: {rows} rows, steward run leading for {:.1} s (RSS)",
         s.rss_window.as_secs_f64()
     ));
     let mut leader = StewardProcess::spawn(bin, &db.url, &[])?;
