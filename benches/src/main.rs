@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p steward-bench -- [--quick] [--json] [--duration 10m] \
-//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat] \
+//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale] \
 //!     [--out benches/out]
 //! ```
 
@@ -21,7 +21,9 @@ mod scenarios;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use report::{Machine, ScenarioEntry, Target};
-use scenarios::{failover, footprint, heartbeat, isolation, promotion, rescue, throughput, worker};
+use scenarios::{
+    failover, footprint, heartbeat, isolation, promotion, rescue, scale, throughput, worker,
+};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -39,6 +41,7 @@ enum Scenario {
     Rescue,
     Worker,
     Heartbeat,
+    Scale,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -79,7 +82,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat"
+        default_value = "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale"
     )]
     scenarios: Vec<Scenario>,
     /// Where report.json, report.txt and distributions.svg go.
@@ -152,6 +155,28 @@ struct Args {
     /// pressure on the baseline's pool).
     #[arg(long, default_value_t = 400)]
     heartbeat_short_slots: usize,
+    /// Scale: table sizes in rows, each seeded into a fresh database. Default
+    /// 1000000,3000000,10000000; quick 100000,300000.
+    #[arg(long, value_delimiter = ',')]
+    scale_sizes: Option<Vec<i64>>,
+    /// Scale: jobs per second; the first at every size, the others at the largest only.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000")]
+    scale_rates: Vec<f64>,
+    /// Scale: the window of each measurement. Default 60s, quick 2s.
+    #[arg(long, value_parser = parse_duration)]
+    scale_window: Option<Duration>,
+    /// Scale: warm-up before each window (and the workload's due horizon, at most 10s).
+    /// Default 15s, quick 1s.
+    #[arg(long, value_parser = parse_duration)]
+    scale_warmup: Option<Duration>,
+    /// Scale: finished jobs past retention for cleanup at the largest size, enough to outlast
+    /// the warm-up and the window. Default 6000000, quick 400000.
+    #[arg(long)]
+    scale_backlog_rows: Option<i64>,
+    /// Scale: running jobs of the fleet that dies at the largest size. Default 100000, quick
+    /// 10000.
+    #[arg(long)]
+    scale_dead_runs: Option<i64>,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -193,6 +218,7 @@ struct Scenarios {
     rescue: ScenarioEntry<rescue::RescueResult>,
     worker: ScenarioEntry<worker::WorkerResult>,
     heartbeat: ScenarioEntry<heartbeat::HeartbeatResult>,
+    scale: ScenarioEntry<scale::ScaleResult>,
 }
 
 #[derive(Serialize)]
@@ -262,6 +288,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Scenario::Rescue,
         Scenario::Worker,
         Scenario::Heartbeat,
+        Scenario::Scale,
     ]
     .into_iter()
     .any(selected)
@@ -452,6 +479,52 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         heartbeat_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
     }
 
+    let mut scale_entry = ScenarioEntry::skipped();
+    let mut scale_curves = None;
+    if selected(Scenario::Scale) {
+        let t = Instant::now();
+        let warmup = args.scale_warmup.unwrap_or(pick(
+            quick,
+            Duration::from_secs(1),
+            Duration::from_secs(15),
+        ));
+        let settings = scale::Settings {
+            quick,
+            sizes: args.scale_sizes.clone().unwrap_or(pick(
+                quick,
+                vec![100_000, 300_000],
+                vec![1_000_000, 3_000_000, 10_000_000],
+            )),
+            rates: args.scale_rates.clone(),
+            window: args.scale_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            )),
+            warmup,
+            horizon: warmup.min(Duration::from_secs(10)),
+            backlog_rows: args
+                .scale_backlog_rows
+                .unwrap_or(pick(quick, 400_000, 6_000_000)),
+            dead_runs: args.scale_dead_runs.unwrap_or(pick(quick, 10_000, 100_000)),
+            // The workers heartbeat every 500 ms, and a worker refuses a staleness under three
+            // heartbeat intervals.
+            staleness: pick(quick, Duration::from_secs(2), Duration::from_secs(5)),
+            rss_window: pick(quick, Duration::from_millis(500), Duration::from_secs(20)),
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => scale::run(&pg, bin, &settings)
+                .await
+                .map(|(r, curves, targets)| {
+                    scale_curves = Some(curves);
+                    (r, targets)
+                }),
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        scale_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
     // The plot.
     let mut plots = Vec::new();
     let mut panels = Vec::new();
@@ -506,6 +579,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
+    if let Some(curves) = &scale_curves {
+        let path = args.out.join("scale.svg");
+        match plot::draw_lines(&path, &scale_panels(curves)) {
+            Ok(()) => plots.push(path.display().to_string()),
+            Err(error) => progress(format!("plot failed: {error:#}")),
+        }
+    }
+
     let mut targets = Vec::new();
     let mut flatten = |scenario: &str, ts: &[Target]| {
         targets.extend(ts.iter().map(|t| FlatTarget {
@@ -521,6 +602,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     flatten("rescue", &rescue_entry.targets);
     flatten("worker", &worker_entry.targets);
     flatten("heartbeat", &heartbeat_entry.targets);
+    flatten("scale", &scale_entry.targets);
 
     let failed = isolation_entry.is_error()
         || promotion_entry.is_error()
@@ -529,7 +611,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         || footprint_entry.is_error()
         || rescue_entry.is_error()
         || worker_entry.is_error()
-        || heartbeat_entry.is_error();
+        || heartbeat_entry.is_error()
+        || scale_entry.is_error();
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         harness: "steward-bench".into(),
@@ -555,6 +638,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             rescue: rescue_entry,
             worker: worker_entry,
             heartbeat: heartbeat_entry,
+            scale: scale_entry,
         },
         targets,
         plots,
@@ -574,6 +658,63 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         args.out.display()
     ));
     Ok(failed)
+}
+
+/// The scale scenario's charts: each SLO branch's pass duration p99 against table size (at the
+/// first rate), and promotion lag p50 and p99 against rate at each size.
+fn scale_panels(curves: &scale::ScaleCurves) -> Vec<plot::LinePanel> {
+    let cost = scale::SLO_BRANCHES
+        .iter()
+        .zip(plot::PALETTE)
+        .map(|(branch, color)| plot::Line {
+            label: (*branch).to_owned(),
+            points: curves
+                .pass_p99
+                .iter()
+                .filter(|(_, b, _)| b == branch)
+                .map(|(rows, _, ms)| (*rows as f64, *ms))
+                .collect(),
+            color,
+        })
+        .collect();
+    let mut sizes: Vec<i64> = curves.lag_by_rate.iter().map(|(rows, ..)| *rows).collect();
+    sizes.dedup();
+    let mut lag = Vec::new();
+    for (i, rows) in sizes.iter().enumerate() {
+        let color = plot::PALETTE[i % plot::PALETTE.len()];
+        let at = |pick: fn(&(i64, f64, f64, f64)) -> f64| {
+            curves
+                .lag_by_rate
+                .iter()
+                .filter(|p| p.0 == *rows)
+                .map(|p| (p.1, pick(p)))
+                .collect::<Vec<_>>()
+        };
+        lag.push(plot::Line {
+            label: format!("{rows} rows, p99"),
+            points: at(|p| p.3),
+            color,
+        });
+        lag.push(plot::Line {
+            label: format!("{rows} rows, p50"),
+            points: at(|p| p.2),
+            color: plot::lighter(color),
+        });
+    }
+    vec![
+        plot::LinePanel {
+            title: "SLO branch pass duration p99 against table size".into(),
+            x_desc: "rows in jobs".into(),
+            y_desc: "pass duration p99".into(),
+            lines: cost,
+        },
+        plot::LinePanel {
+            title: "Promotion lag against rate".into(),
+            x_desc: "jobs per second".into(),
+            y_desc: "promotion lag".into(),
+            lines: lag,
+        },
+    ]
 }
 
 fn section<T: Serialize>(
@@ -636,6 +777,7 @@ fn render(r: &Report) -> String {
     section(&mut out, "rescue", &s.rescue, rescue::render);
     section(&mut out, "worker", &s.worker, worker::render);
     section(&mut out, "heartbeat", &s.heartbeat, heartbeat::render);
+    section(&mut out, "scale", &s.scale, scale::render);
     if !r.targets.is_empty() {
         let passed = r.targets.iter().filter(|t| t.target.pass).count();
         let _ = writeln!(
@@ -661,7 +803,7 @@ mod tests {
         let args = Args::parse_from([
             "steward-bench",
             "--scenarios",
-            "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat",
+            "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale",
         ]);
         assert_eq!(
             args.scenarios,
@@ -674,8 +816,11 @@ mod tests {
                 Scenario::Rescue,
                 Scenario::Worker,
                 Scenario::Heartbeat,
+                Scenario::Scale,
             ]
         );
+        let args = Args::parse_from(["steward-bench", "--scale-sizes", "1000000,3000000"]);
+        assert_eq!(args.scale_sizes, Some(vec![1_000_000, 3_000_000]));
         let args = Args::parse_from([
             "steward-bench",
             "worker-process",

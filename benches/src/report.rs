@@ -28,6 +28,16 @@ impl Target {
         }
     }
 
+    pub fn at_most(name: impl Into<String>, value: Option<f64>, limit: f64, unit: &str) -> Self {
+        Target {
+            name: name.into(),
+            target: format!("<= {limit} {unit}"),
+            value,
+            unit: unit.to_owned(),
+            pass: value.is_some_and(|v| v <= limit),
+        }
+    }
+
     pub fn at_least(name: impl Into<String>, value: Option<f64>, floor: f64, unit: &str) -> Self {
         Target {
             name: name.into(),

@@ -1,10 +1,10 @@
 //! CI smoke test: `steward-bench --quick --json` against a real PostgreSQL. It checks the
 //! report's shape (every scenario ran and has every key, the SVG exists), never its timings.
 //!
-//! The failover, footprint, rescue, worker and heartbeat scenarios need the `steward` binary.
-//! This test builds it with `cargo build -p steward` (a no-op when `cargo test --workspace` has
-//! already built it) into the target directory this test runs from, and passes it with
-//! `--steward-bin`.
+//! The failover, footprint, rescue, worker, heartbeat and scale scenarios need the `steward`
+//! binary. This test builds it with `cargo build -p steward` (a no-op when `cargo test
+//! --workspace` has already built it) into the target directory this test runs from, and passes
+//! it with `--steward-bin`.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -120,6 +120,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "rescue",
         "worker",
         "heartbeat",
+        "scale",
     ] {
         let entry = &scenarios[name];
         keys(
@@ -451,16 +452,133 @@ fn quick_run_reports_every_scenario_with_every_key() {
         quantiles(&heartbeat[mode]["heartbeat_ms"], "heartbeat_ms");
     }
 
+    let scale = &scenarios["scale"]["result"];
+    keys(
+        scale,
+        "scale",
+        &["params", "sizes", "mass_rescue", "hygiene"],
+    );
+    let sizes = scale["sizes"].as_array().unwrap();
+    assert_eq!(sizes.len(), 2, "quick mode seeds two sizes");
+    for size in sizes {
+        keys(
+            size,
+            "scale size",
+            &[
+                "rows",
+                "seed_s",
+                "seed_parts",
+                "vacuum_analyze_s",
+                "flows",
+                "before",
+                "after_flow",
+                "after_all",
+                "leader_rss_mib_max",
+            ],
+        );
+        for growth in ["before", "after_flow"] {
+            keys(
+                &size[growth],
+                growth,
+                &[
+                    "table_bytes",
+                    "indexes_bytes",
+                    "live_tuples",
+                    "dead_tuples",
+                    "autovacuum_count",
+                    "autoanalyze_count",
+                    "indexes",
+                ],
+            );
+        }
+        for flow in size["flows"].as_array().unwrap() {
+            keys(
+                flow,
+                "scale flow",
+                &[
+                    "rate",
+                    "achieved_rate",
+                    "promotion_lag_ms",
+                    "slo",
+                    "workload",
+                ],
+            );
+            quantiles(&flow["promotion_lag_ms"], "scale promotion_lag_ms");
+            let slo: Vec<&str> = flow["slo"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["branch"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                slo,
+                [
+                    "promote_scheduled",
+                    "rescue_stale_heartbeats",
+                    "rescue_expired_deadlines",
+                    "rescue_expired_callbacks"
+                ]
+            );
+        }
+    }
+    assert_eq!(sizes[0]["flows"].as_array().unwrap().len(), 1);
+    assert_eq!(sizes[1]["flows"].as_array().unwrap().len(), 2);
+    keys(
+        &scale["mass_rescue"],
+        "mass_rescue",
+        &[
+            "dead_runs",
+            "rescued",
+            "all_rescued_after_s",
+            "promotion_lag_ms",
+        ],
+    );
+    let hygiene = &scale["hygiene"];
+    keys(
+        hygiene,
+        "hygiene",
+        &["backlog_rows", "modes", "plain", "split_busy_vs_plain"],
+    );
+    let modes: Vec<&str> = hygiene["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["split", "monolithic"]);
+    for mode in hygiene["modes"].as_array().unwrap() {
+        keys(
+            mode,
+            "hygiene mode",
+            &[
+                "slo_start_delay_ms",
+                "promotion_lag_ms",
+                "cleanup_rows",
+                "cleanup_rows_per_s",
+                "cleanup_busy_rows_per_s",
+                "backlog_left",
+            ],
+        );
+    }
+    keys(
+        &hygiene["plain"],
+        "plain",
+        &["rows", "batch_size", "seconds", "rows_per_s"],
+    );
+
     let svg = out.path().join("distributions.svg");
+    let scale_svg = out.path().join("scale.svg");
     let plots: Vec<&str> = report["plots"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    assert_eq!(plots, [svg.to_str().unwrap()]);
-    let svg_text = std::fs::read_to_string(&svg).expect("the SVG plot");
-    assert!(svg_text.starts_with("<svg"), "not an SVG");
+    assert_eq!(plots, [svg.to_str().unwrap(), scale_svg.to_str().unwrap()]);
+    for path in [&svg, &scale_svg] {
+        let svg_text = std::fs::read_to_string(path).expect("the SVG plot");
+        assert!(svg_text.starts_with("<svg"), "not an SVG");
+    }
     assert!(out.path().join("report.json").is_file());
     assert!(out.path().join("report.txt").is_file());
 }

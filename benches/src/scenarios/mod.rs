@@ -7,5 +7,6 @@ pub mod heartbeat;
 pub mod isolation;
 pub mod promotion;
 pub mod rescue;
+pub mod scale;
 pub mod throughput;
 pub mod worker;
