@@ -1009,7 +1009,8 @@ async fn hygiene(
     insert_backlog(client, s.backlog_rows - left).await?;
     settle(client).await?;
     let split_rows = modes.first().map(|m| m.cleanup_rows as i64).unwrap_or(0);
-    let target = split_rows.clamp(CLEANUP_BATCH, s.backlog_rows);
+    // At least one batch, at most the backlog (which may be empty: `--scale-backlog-rows 0`).
+    let target = split_rows.max(CLEANUP_BATCH).min(s.backlog_rows);
     crate::progress(format!(
         "scale: {rows} rows, plain SQL cleanup of {target} rows in batches of {CLEANUP_BATCH}"
     ));
