@@ -177,6 +177,10 @@ struct Args {
     /// 10000.
     #[arg(long)]
     scale_dead_runs: Option<i64>,
+    /// Scale: the dead fleet's runs are on their last attempt, so that rescued they fail and no
+    /// retries come due for the promoter.
+    #[arg(long)]
+    scale_dead_last_attempt: bool,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -507,6 +511,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 .scale_backlog_rows
                 .unwrap_or(pick(quick, 400_000, 6_000_000)),
             dead_runs: args.scale_dead_runs.unwrap_or(pick(quick, 10_000, 100_000)),
+            dead_last_attempt: args.scale_dead_last_attempt,
             // The workers heartbeat every 500 ms, and a worker refuses a staleness under three
             // heartbeat intervals.
             staleness: pick(quick, Duration::from_secs(2), Duration::from_secs(5)),

@@ -528,6 +528,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "mass_rescue",
         &[
             "dead_runs",
+            "last_attempt",
             "rescued",
             "all_rescued_after_s",
             "promotion_lag_ms",

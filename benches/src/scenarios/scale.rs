@@ -64,6 +64,9 @@ pub struct Settings {
     pub backlog_rows: i64,
     /// Running jobs whose worker dies in the mass-rescue phase.
     pub dead_runs: i64,
+    /// The dead fleet's runs are on their last attempt: rescued, they fail rather than retry, so
+    /// that no retries come due for the promoter (to tell the rescue's own cost from theirs).
+    pub dead_last_attempt: bool,
     pub staleness: Duration,
     /// The window in which a `steward run` leader's RSS is sampled at each size.
     pub rss_window: Duration,
@@ -78,6 +81,7 @@ pub struct Params {
     pub horizon_s: f64,
     pub backlog_rows: i64,
     pub dead_runs: i64,
+    pub dead_last_attempt: bool,
     pub staleness_s: f64,
     pub rss_window_s: f64,
     pub producers: usize,
@@ -190,6 +194,8 @@ pub struct HygieneResult {
 pub struct MassRescueResult {
     pub table_rows: i64,
     pub dead_runs: i64,
+    /// Whether the runs were on their last attempt (rescued to failed, no retries).
+    pub last_attempt: bool,
     pub staleness_s: f64,
     pub rescued: i64,
     /// The last rescue's time (the `at` of its error entry) minus the runs' expiry.
@@ -262,6 +268,7 @@ pub async fn run(
         horizon_s: s.horizon.as_secs_f64(),
         backlog_rows: s.backlog_rows,
         dead_runs: s.dead_runs,
+        dead_last_attempt: s.dead_last_attempt,
         staleness_s: s.staleness.as_secs_f64(),
         rss_window_s: s.rss_window.as_secs_f64(),
         producers: 2,
@@ -787,14 +794,19 @@ async fn mass_rescue(
             &format!(
                 "WITH dead AS (
                      INSERT INTO jobs ({COLUMNS})
-                     SELECT $1, 'bench.dead', 'running', 2, 2, 1, 25, now(), now(), now(), now(),
-                            NULL, NULL, NULL, NULL
+                     SELECT $1, 'bench.dead', 'running', 2, 2, $4::int4, 25, now(), now(), now(),
+                            now(), NULL, NULL, NULL, NULL
                      FROM generate_series(1, $2::int8) g
                      RETURNING heartbeat_at)
                  SELECT extract(epoch FROM max(heartbeat_at) + make_interval(secs => $3))::float8
                  FROM dead"
             ),
-            &[&DEAD_QUEUE, &s.dead_runs, &s.staleness.as_secs_f64()],
+            &[
+                &DEAD_QUEUE,
+                &s.dead_runs,
+                &s.staleness.as_secs_f64(),
+                &if s.dead_last_attempt { 25i32 } else { 1i32 },
+            ],
         )
         .await
         .context("inserting the dead fleet's runs")?
@@ -847,6 +859,7 @@ async fn mass_rescue(
     Ok(MassRescueResult {
         table_rows: rows,
         dead_runs: s.dead_runs,
+        last_attempt: s.dead_last_attempt,
         staleness_s: s.staleness.as_secs_f64(),
         rescued,
         all_rescued_after_s: if rescued == s.dead_runs {
@@ -1208,9 +1221,14 @@ pub fn render(r: &ScaleResult) -> String {
     let m = &r.mass_rescue;
     let _ = writeln!(
         out,
-        "mass rescue at {} rows: {} running runs stop heartbeating at once (staleness {:.1} s); {} rescued, first {} s and last {} s after expiry; promotion lag meanwhile p50/p99/max {}/{}/{} ms; {} heartbeat rescue passes, p99 {} ms",
+        "mass rescue at {} rows: {} running runs{} stop heartbeating at once (staleness {:.1} s); {} rescued, first {} s and last {} s after expiry; promotion lag meanwhile p50/p99/max {}/{}/{} ms; {} heartbeat rescue passes, p99 {} ms",
         m.table_rows,
         m.dead_runs,
+        if m.last_attempt {
+            " on their last attempt (rescued to failed, no retries)"
+        } else {
+            ""
+        },
         m.staleness_s,
         m.rescued,
         opt(m.first_rescued_after_s),
