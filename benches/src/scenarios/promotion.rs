@@ -54,20 +54,17 @@ pub async fn run(pg: &Pg, s: &Settings) -> anyhow::Result<(PromotionResult, Hist
     result
 }
 
-async fn run_on(
-    db: &crate::db::BenchDb,
-    s: &Settings,
-) -> anyhow::Result<(PromotionResult, Hist, Vec<Target>)> {
-    let (producers, workers) = (2, 4);
-    // Well-behaved jobs, completed as soon as they are claimed, due uniformly over the
-    // horizon; workers heartbeat every 500 ms and claim up to 100 at a time.
-    let config = WorkloadConfig {
+/// The promotion flow, shared with the scale scenario: well-behaved jobs of queue `bench`, due
+/// uniformly over `horizon` and completed as soon as they are claimed; workers heartbeat every
+/// 500 ms and claim up to 100 at a time.
+pub fn flow(rate: f64, producers: usize, workers: usize, horizon: Duration) -> WorkloadConfig {
+    WorkloadConfig {
         queue: QUEUE.to_owned(),
         kind: "bench.work".to_owned(),
-        rate: s.rate,
+        rate,
         producers,
         scheduled_percent: 100,
-        due_in: (Duration::ZERO, s.horizon),
+        due_in: (Duration::ZERO, horizon),
         max_attempts: 5,
         workers,
         concurrency: 100,
@@ -83,7 +80,15 @@ async fn run_on(
             ..Timings::default()
         },
         ..WorkloadConfig::default()
-    };
+    }
+}
+
+async fn run_on(
+    db: &crate::db::BenchDb,
+    s: &Settings,
+) -> anyhow::Result<(PromotionResult, Hist, Vec<Target>)> {
+    let (producers, workers) = (2, 4);
+    let config = flow(s.rate, producers, workers, s.horizon);
     let recorder = Arc::new(Recorder::default());
     let leader = Leader::start(
         &db.url,

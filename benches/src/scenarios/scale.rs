@@ -434,31 +434,9 @@ fn targets(
     targets
 }
 
-/// The workload of every flow: scheduled jobs due over the horizon, completed when claimed.
+/// The workload of every flow: the promotion scenario's.
 fn workload_config(s: &Settings, params: &Params, rate: f64) -> WorkloadConfig {
-    WorkloadConfig {
-        queue: QUEUE.to_owned(),
-        kind: "bench.work".to_owned(),
-        rate,
-        producers: params.producers,
-        scheduled_percent: 100,
-        due_in: (Duration::ZERO, s.horizon),
-        max_attempts: 5,
-        workers: params.workers,
-        concurrency: 100,
-        worker: WorkerSettings {
-            heartbeat_interval: Duration::from_millis(500),
-            claim_batch: 100,
-            poll_interval: Duration::from_millis(50),
-            shutdown_grace: Duration::from_secs(1),
-            ..WorkerSettings::default()
-        },
-        timings: Timings {
-            work: (Duration::ZERO, Duration::ZERO),
-            ..Timings::default()
-        },
-        ..WorkloadConfig::default()
-    }
+    super::promotion::flow(rate, params.producers, params.workers, s.horizon)
 }
 
 async fn start_leader(
