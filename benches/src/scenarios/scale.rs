@@ -30,11 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::BranchesConfig;
 use steward_leader::{LeaderSettings, LoopMode};
-use steward_worker::WorkerSettings;
-use steward_workload::{Stats as WorkloadStats, Timings, Workload, WorkloadConfig};
+use steward_workload::{Stats as WorkloadStats, Workload, WorkloadConfig};
 use tokio_postgres::Client;
 
-const QUEUE: &str = "bench";
 const BACKLOG_QUEUE: &str = "backlog";
 const DEAD_QUEUE: &str = "dead_fleet";
 /// The SLO branches whose pass duration is compared across sizes.
