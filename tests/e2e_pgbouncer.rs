@@ -9,7 +9,7 @@
 mod support;
 
 use std::time::{Duration, SystemTime};
-use steward_devdb::{PgBouncer, PoolMode};
+use steward_devdb::{DevDbError, PgBouncer, PoolMode};
 use steward_testkit::TestDb;
 use support::*;
 
@@ -22,28 +22,15 @@ const LOST: &str = "leadership lost; back to standby";
 /// A PgBouncer in `mode` in front of the test server; `None` (test skipped) only where
 /// PgBouncer is not installed outside CI.
 fn pgbouncer(runtime: &tokio::runtime::Runtime, mode: PoolMode) -> Option<PgBouncer> {
-    let config: tokio_postgres::Config = steward_testkit::server_url().parse().unwrap();
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        other => panic!("PgBouncer needs a TCP server address, not {other:?}"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    match runtime.block_on(PgBouncer::start(&host, port, mode, &[&user])) {
+    let server = steward_testkit::server_url();
+    match runtime.block_on(PgBouncer::in_front_of(&server, mode)) {
         Ok(pgbouncer) => Some(pgbouncer),
-        Err(error)
-            if std::env::var_os("CI").is_none() && error.to_string().contains("no pgbouncer") =>
-        {
+        Err(error @ DevDbError::NoPgBouncer) if std::env::var_os("CI").is_none() => {
             println!("SKIPPED: {error}");
             None
         }
         Err(error) => panic!("starting PgBouncer: {error}"),
     }
-}
-
-fn url_through(pgbouncer: &PgBouncer, db: &TestDb) -> String {
-    let config: tokio_postgres::Config = steward_testkit::server_url().parse().unwrap();
-    pgbouncer.url(config.get_user().unwrap_or("postgres"), db.name())
 }
 
 fn first_slo_pass(s: &Steward, epoch: i64) -> Option<LogLine> {
@@ -79,7 +66,7 @@ fn through_pgbouncer_in_session_mode_steward_elects_takes_over_and_shuts_down() 
         return;
     };
     let db = runtime.block_on(TestDb::new());
-    let url = url_through(&pgbouncer, &db);
+    let url = pgbouncer.url_of(db.name());
     let args = [
         "--set",
         "leader.wedge_timeout=3s",
@@ -172,7 +159,7 @@ fn refused_through(mode: PoolMode) {
         return;
     };
     let db = runtime.block_on(TestDb::new());
-    let url = url_through(&pgbouncer, &db);
+    let url = pgbouncer.url_of(db.name());
     let mut steward = Steward::spawn(&url, &[]);
     let code = steward.wait_exit(Duration::from_secs(60));
     let output = steward.raw_output();

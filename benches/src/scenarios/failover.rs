@@ -5,7 +5,7 @@
 //! again through a PgBouncer in session mode (its default configuration) in front of the server,
 //! where one is installed.
 
-use crate::db::Pg;
+use crate::db::{BenchDb, Pg};
 use crate::hist::{Hist, Quantiles};
 use crate::procs::{StewardProcess, ACQUIRED, FIRST_PASS, STANDING_BY};
 use crate::report::{num, opt, table, Target};
@@ -27,11 +27,9 @@ pub struct FailoverResult {
     pub trials: u32,
     pub settle_ms: u64,
     pub steward_bin: String,
-    /// SIGKILL to the standby's first SLO branch pass.
-    pub failover_ms: Quantiles,
-    /// SIGKILL to the standby's "leadership acquired" (lock taken, term started).
-    pub acquired_ms: Quantiles,
-    pub samples_ms: Vec<f64>,
+    /// Connected directly (its keys at the top level of the JSON).
+    #[serde(flatten)]
+    pub direct: Trials,
     /// The same through PgBouncer (session mode); `None` where PgBouncer is not installed.
     pub pgbouncer: Option<Trials>,
     /// Why the PgBouncer trials did not run.
@@ -40,7 +38,9 @@ pub struct FailoverResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Trials {
+    /// SIGKILL to the standby's first SLO branch pass.
     pub failover_ms: Quantiles,
+    /// SIGKILL to the standby's "leadership acquired" (lock taken, term started).
     pub acquired_ms: Quantiles,
     pub samples_ms: Vec<f64>,
 }
@@ -53,7 +53,7 @@ pub async fn run(
     let db = pg.create("failover").await?;
     let direct = run_on(&db.url, bin, s, "").await;
     let pooled = match direct {
-        Ok(_) => through_pgbouncer(&db.url, bin, s).await,
+        Ok(_) => through_pgbouncer(&db, bin, s).await,
         Err(_) => Ok(Err("the direct trials failed".to_owned())),
     };
     pg.drop_db(db).await;
@@ -66,15 +66,13 @@ pub async fn run(
         trials: s.trials,
         settle_ms: s.settle.as_millis() as u64,
         steward_bin: bin.display().to_string(),
-        failover_ms: direct.failover_ms,
-        acquired_ms: direct.acquired_ms,
-        samples_ms: direct.samples_ms,
+        direct,
         pgbouncer,
         pgbouncer_skipped,
     };
     let mut targets = vec![Target::below(
         "failover p99 (SIGKILL to the standby's first SLO pass)",
-        result.failover_ms.p99,
+        result.direct.failover_ms.p99,
         100.0,
         "ms",
     )];
@@ -89,35 +87,24 @@ pub async fn run(
     Ok((result, targets))
 }
 
-/// The trials through a PgBouncer started in front of `url`'s server; Ok(Err(why)) when none
+/// The trials through a PgBouncer started in front of `db`'s server; Ok(Err(why)) when none
 /// is installed.
 async fn through_pgbouncer(
-    url: &str,
+    db: &BenchDb,
     bin: &Path,
     s: &Settings,
 ) -> anyhow::Result<Result<Trials, String>> {
-    let config: tokio_postgres::Config = url.parse()?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => return Ok(Err("the server is not reached over TCP".to_owned())),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres");
-    let pgbouncer = match steward_devdb::PgBouncer::start(
-        &host,
-        port,
+    let pgbouncer = match steward_devdb::PgBouncer::in_front_of(
+        &db.url,
         steward_devdb::PoolMode::Session,
-        &[user],
     )
     .await
     {
         Ok(pgbouncer) => pgbouncer,
-        Err(error) if error.to_string().contains("no pgbouncer") => {
-            return Ok(Err(error.to_string()))
-        }
+        Err(error @ steward_devdb::DevDbError::NoPgBouncer) => return Ok(Err(error.to_string())),
         Err(error) => return Err(error.into()),
     };
-    let pooled_url = pgbouncer.url(user, config.get_dbname().unwrap_or("postgres"));
+    let pooled_url = pgbouncer.url_of(&db.name);
     Ok(Ok(run_on(&pooled_url, bin, s, " through PgBouncer").await?))
 }
 
@@ -169,15 +156,7 @@ pub fn render(r: &FailoverResult) -> String {
         "failover: {} trials of SIGKILL to the leader while a standby waits ({})",
         r.trials, r.steward_bin
     );
-    render_trials(
-        &mut out,
-        "SIGKILL to",
-        &Trials {
-            failover_ms: r.failover_ms.clone(),
-            acquired_ms: r.acquired_ms.clone(),
-            samples_ms: r.samples_ms.clone(),
-        },
-    );
+    render_trials(&mut out, "SIGKILL to", &r.direct);
     match (&r.pgbouncer, &r.pgbouncer_skipped) {
         (Some(pooled), _) => render_trials(
             &mut out,

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::BranchesConfig;
 use steward_leader::{LeaderSettings, LoopMode};
-use steward_workload::{Stats as WorkloadStats, Workload, WorkloadConfig};
+use steward_workload::{Stats as WorkloadStats, Workload};
 use tokio_postgres::Client;
 
 const BACKLOG_QUEUE: &str = "backlog";
@@ -432,9 +432,19 @@ fn targets(
     targets
 }
 
-/// The workload of every flow: the promotion scenario's.
-fn workload_config(s: &Settings, params: &Params, rate: f64) -> WorkloadConfig {
-    super::promotion::flow(rate, params.producers, params.workers, s.horizon)
+/// Starts the flow at `rate`: the promotion scenario's workload, on a queue client of its own.
+async fn start_flow(
+    db: &BenchDb,
+    s: &Settings,
+    params: &Params,
+    rate: f64,
+) -> anyhow::Result<Workload> {
+    let queue = db.queue(
+        params.producers + params.workers + 2,
+        "steward-bench:workload",
+    )?;
+    let config = super::promotion::flow(rate, params.producers, params.workers, s.horizon);
+    Ok(Workload::start(queue, &db.target()?, config).await?)
 }
 
 async fn start_leader(
@@ -521,13 +531,8 @@ async fn run_size(
             s.warmup.as_secs_f64(),
             s.window.as_secs_f64()
         ));
-        let queue = db.queue(
-            params.producers + params.workers + 2,
-            "steward-bench:workload",
-        )?;
         let started = Instant::now();
-        let running =
-            Workload::start(queue, &db.target()?, workload_config(s, params, rate)).await?;
+        let running = start_flow(db, s, params, rate).await?;
         tokio::time::sleep(s.warmup).await;
         recorder.start();
         let window_started = Instant::now();
@@ -550,13 +555,7 @@ async fn run_size(
         if let Some(running) = workload.take() {
             let _ = Workload::stop(running).await;
         }
-        let queue = db.queue(
-            params.producers + params.workers + 2,
-            "steward-bench:workload",
-        )?;
-        workload = Some(
-            Workload::start(queue, &db.target()?, workload_config(s, params, s.rates[0])).await?,
-        );
+        workload = Some(start_flow(db, s, params, s.rates[0]).await?);
     }
 
     let mass_rescue = if largest {
@@ -944,12 +943,7 @@ async fn hygiene(
             s.warmup.as_secs_f64(),
             s.window.as_secs_f64()
         ));
-        let queue = db.queue(
-            params.producers + params.workers + 2,
-            "steward-bench:workload",
-        )?;
-        let workload =
-            Workload::start(queue, &db.target()?, workload_config(s, params, s.rates[0])).await?;
+        let workload = start_flow(db, s, params, s.rates[0]).await?;
         let (leader, recorder) = start_leader(db, config, mode).await?;
         tokio::time::sleep(s.warmup).await;
         recorder.start();

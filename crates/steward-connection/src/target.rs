@@ -192,14 +192,6 @@ impl Target {
         target
     }
 
-    /// The value every session of this target gets for `name`, if Steward sets it.
-    pub fn setting(&self, name: &str) -> Option<&str> {
-        self.settings
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
     /// One batch of `SET` statements for the session settings (sent right after connecting).
     fn set_statements(&self) -> String {
         self.settings
@@ -471,7 +463,6 @@ mod tests {
             named.set_statements(),
             "SET search_path = 's1';SET lock_timeout = '2s';SET application_name = 'it''s';"
         );
-        assert_eq!(named.setting("lock_timeout"), Some("2s"));
         assert_eq!(
             named.config().get_application_name(),
             Some("steward:x:leader")

@@ -27,6 +27,8 @@ pub const DEFAULT_LOCAL_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres
 pub enum DevDbError {
     #[error("no PostgreSQL server answers at 127.0.0.1:5432 and no PostgreSQL binaries (initdb, pg_ctl) were found; install PostgreSQL or set DATABASE_URL")]
     NoBinaries,
+    #[error("no pgbouncer on PATH or in /usr/sbin; install PgBouncer (Debian package pgbouncer)")]
+    NoPgBouncer,
     #[error("{step} failed: {detail}")]
     Cluster { step: &'static str, detail: String },
     #[error("io error while {step}: {source}")]

@@ -27,23 +27,44 @@ impl PoolMode {
 }
 
 /// A PgBouncer process with a configuration of its own (default settings but the pool mode,
-/// the listening port and trust authentication for `users`), forwarding every database to
-/// `upstream_host:upstream_port`. Killed when dropped.
+/// the listening port and trust authentication for the server URL's user), forwarding every
+/// database to that server. Killed when dropped.
 pub struct PgBouncer {
     port: u16,
+    user: String,
     process: Child,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl PgBouncer {
-    /// Starts PgBouncer (`pgbouncer` on PATH or in /usr/sbin) and waits until it answers for
-    /// `users[0]`'s `postgres` database.
-    pub async fn start(
+    /// Starts PgBouncer (`pgbouncer` on PATH or in /usr/sbin) in `mode` in front of the server
+    /// `server_url` names (a TCP host and port), and waits until it answers for that URL's user.
+    pub async fn in_front_of(server_url: &str, mode: PoolMode) -> Result<PgBouncer, DevDbError> {
+        let config: tokio_postgres::Config =
+            server_url.parse().map_err(|e| DevDbError::Cluster {
+                step: "reading the server URL for PgBouncer",
+                detail: format!("{e}"),
+            })?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => {
+                return Err(DevDbError::Cluster {
+                    step: "reading the server URL for PgBouncer",
+                    detail: "PgBouncer needs a TCP host".to_owned(),
+                })
+            }
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("postgres");
+        Self::start(&host, port, mode, user).await
+    }
+
+    async fn start(
         upstream_host: &str,
         upstream_port: u16,
         mode: PoolMode,
-        users: &[&str],
+        user: &str,
     ) -> Result<PgBouncer, DevDbError> {
         let binary = find_pgbouncer().ok_or(DevDbError::Cluster {
             step: "finding pgbouncer",
@@ -60,8 +81,8 @@ impl PgBouncer {
         let log = dir.path().join("pgbouncer.log");
         let auth_file = dir.path().join("userlist.txt");
         let ini = dir.path().join("pgbouncer.ini");
-        let userlist: String = users.iter().map(|u| format!("\"{u}\" \"\"\n")).collect();
-        std::fs::write(&auth_file, userlist).map_err(io("writing PgBouncer's userlist"))?;
+        std::fs::write(&auth_file, format!("\"{user}\" \"\"\n"))
+            .map_err(io("writing PgBouncer's userlist"))?;
         let config = format!(
             "[databases]\n* = host={upstream_host} port={upstream_port}\n\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
@@ -91,11 +112,12 @@ impl PgBouncer {
             .map_err(io("starting pgbouncer"))?;
         let mut pgbouncer = PgBouncer {
             port,
+            user: user.to_owned(),
             process,
             log,
             _dir: dir,
         };
-        let probe = pgbouncer.url(users.first().copied().unwrap_or("postgres"), "postgres");
+        let probe = pgbouncer.url_of("postgres");
         for _ in 0..100 {
             if let Ok(Some(status)) = pgbouncer.process.try_wait() {
                 return Err(DevDbError::Cluster {
@@ -117,13 +139,12 @@ impl PgBouncer {
         })
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The URL of `database` through this PgBouncer, as `user`.
-    pub fn url(&self, user: &str, database: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/{database}", self.port)
+    /// The URL of `database` through this PgBouncer, as the server URL's user.
+    pub fn url_of(&self, database: &str) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/{database}",
+            self.user, self.port
+        )
     }
 
     /// What PgBouncer has logged so far.

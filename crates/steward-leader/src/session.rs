@@ -63,14 +63,16 @@ pub const READ_ONLY: &str =
     "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool";
 
 /// The term's probe: [`READ_ONLY`], and whether this session's backend still holds the
-/// leadership lock `$1` (a bigint advisory lock shows in `pg_locks` as classid, objid = its
-/// high and low 32 bits, objsubid = 1). Reads the lock table, no user table.
+/// leadership lock `$1` (matched in `pg_locks` as `status::LOCK_HELD` does). Reads the lock
+/// table, no user table.
 pub const PROBE: &str = "
 SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool,
     EXISTS (
-        SELECT 1 FROM pg_locks
-        WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted AND objsubid = 1
-            AND ((classid::int8 << 32) | objid::int8) = hashtextextended($1, 0))";
+        SELECT 1 FROM pg_locks l, (SELECT hashtextextended($1, 0) AS k) h
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.pid = pg_backend_pid()
+          AND l.classid = ((h.k >> 32) & 4294967295)::oid
+          AND l.objid = (h.k & 4294967295)::oid)";
 
 /// Why the leader connection's probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,10 +186,11 @@ WHERE application_name LIKE $1 AND pid <> pg_backend_pid()";
 
 /// Whether this session's role may end the sessions of the leader's role, as the wedge
 /// takeover must: a superuser may end any; otherwise only non-superuser sessions of a role whose
-/// privileges it has, or any with `pg_signal_backend`. Returns the leader's role and the answer,
-/// or no row when the leader's backend is gone. Reads pg_stat_activity and pg_roles.
+/// privileges it has, or any with `pg_signal_backend`. Returns the leader's role, the answer and
+/// this session's role, or no row when the leader's backend is gone. Reads pg_stat_activity and
+/// pg_roles.
 pub const CAN_END_LEADER: &str = "
-SELECT a.usename::text,
+SELECT a.usename::text, current_user::text,
     me.rolsuper OR (NOT them.rolsuper AND (pg_has_role(current_user, a.usesysid, 'USAGE')
         OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
 FROM pg_stat_activity a
@@ -199,13 +202,8 @@ WHERE a.pid = (SELECT backend_pid FROM leader WHERE id = 1)";
 /// it wedged: the wedge takeover ends the leader's sessions, which its role may not do.
 async fn warn_if_takeover_cannot_work(client: &tokio_postgres::Client, epoch: i64, leader: &str) {
     match client.query_opt(CAN_END_LEADER, &[]).await {
-        Ok(Some(row)) if !row.get::<_, bool>(1) => {
-            let leader_role: String = row.get(0);
-            let own_role = client
-                .query_one("SELECT current_user::text", &[])
-                .await
-                .map(|r| r.get::<_, String>(0))
-                .unwrap_or_else(|_| "this role".to_owned());
+        Ok(Some(row)) if !row.get::<_, bool>(2) => {
+            let (leader_role, own_role): (String, String) = (row.get(0), row.get(1));
             tracing::warn!(epoch, %leader, %leader_role, role = %own_role, "this standby cannot take over if the leader wedges: its role may not end the leader's sessions (that needs the leader role's privileges or pg_signal_backend, and a superuser's sessions need a superuser); run every steward as the same role, or grant pg_signal_backend to this one");
         }
         Ok(_) => {}
