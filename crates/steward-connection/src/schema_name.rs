@@ -2,7 +2,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A validated Postgres schema name: lowercase identifier, safe to splice into SQL unquoted.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SchemaName(String);
 
 #[derive(Debug, thiserror::Error)]

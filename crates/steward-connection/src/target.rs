@@ -171,6 +171,14 @@ impl Target {
         &self.config
     }
 
+    /// The same database with its sessions' `search_path` pinned to `schema` instead: another
+    /// queue in the same database.
+    pub fn with_schema(&self, schema: SchemaName) -> Target {
+        let mut target = self.with_setting("search_path", &schema);
+        target.schema = schema;
+        target
+    }
+
     /// The same target with its sessions named `name` (their `application_name`, which
     /// `pg_stat_activity` shows).
     pub fn named(&self, name: &str) -> Target {

@@ -5,12 +5,18 @@
 //! reading fails, the age goes on growing from the last head read.
 
 use crate::observe::{BacklogReport, Observer};
+use crate::work::Sessions;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::{BacklogKind, Branch};
-use steward_connection::{Reconnecting, Target};
 use tokio_util::sync::CancellationToken;
+
+/// The server-side limit of a backlog reading at cadence `every`, so that a reading that gave
+/// way does not go on occupying its session.
+pub(crate) fn statement_timeout(every: Duration) -> String {
+    format!("{}ms", (every / 2).as_millis().max(1))
+}
 
 /// The last head read of one branch.
 struct Head {
@@ -27,8 +33,9 @@ impl Head {
 }
 
 /// Reads every branch's backlog head every `every` until `stop`, and reports its age.
+/// `sessions` carry a statement timeout of at most half of `every` (see [`statement_timeout`]).
 pub(crate) async fn measure(
-    target: Target,
+    mut session: Sessions,
     branches: Vec<Arc<dyn Branch>>,
     epoch: i64,
     observer: Arc<dyn Observer>,
@@ -38,10 +45,6 @@ pub(crate) async fn measure(
     // A reading that cannot finish within half the cadence (a lock on the jobs table) gives
     // way; the age is then extrapolated from the last head.
     let timeout = every / 2;
-    let mut session = Reconnecting::new(target.with_setting(
-        "statement_timeout",
-        format!("{}ms", timeout.as_millis().max(1)),
-    ));
     let mut heads: HashMap<&'static str, Head> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -52,8 +55,8 @@ pub(crate) async fn measure(
         }
         for branch in &branches {
             let read = tokio::time::timeout(timeout, async {
-                let client = session.get().await.map_err(|e| e.to_string())?;
-                branch.backlog(client).await.map_err(|e| e.to_string())
+                let client = session.get().await?;
+                branch.backlog(&client).await.map_err(|e| e.to_string())
             })
             .await;
             let now = Instant::now();

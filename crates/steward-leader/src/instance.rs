@@ -31,7 +31,10 @@ pub(crate) struct Registration {
 
 impl Registration {
     /// Records the candidate, or refreshes its last_seen.
-    pub async fn refresh(&self, client: &Client) -> Result<(), tokio_postgres::Error> {
+    pub async fn refresh(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> Result<(), tokio_postgres::Error> {
         let pid = std::process::id() as i32;
         client
             .execute(
@@ -69,13 +72,13 @@ pub(crate) struct Instance {
 
 impl Instance {
     pub fn new(target: &Target, settings: &LeaderSettings) -> Self {
+        Self::named(new_name(), target, settings)
+    }
+
+    /// This process as a candidate in the database of `target`, under a name it already has
+    /// (a fleet process is one instance in every database it serves).
+    pub fn named(name: String, target: &Target, settings: &LeaderSettings) -> Self {
         let host = hostname();
-        let name = format!(
-            "{}-{}-{:04x}",
-            host.chars().take(24).collect::<String>(),
-            std::process::id(),
-            rand::random::<u16>()
-        );
         // A DBA's role- or database-level timeouts must not end Steward's sessions: the lock
         // session is idle for most of a term and waits for the lock without limit, and every
         // pass is bounded by Steward's own timeouts.
@@ -137,6 +140,16 @@ impl Instance {
     fn application_name(&self, role: &str) -> String {
         format!("steward:{}:{role}", self.name)
     }
+}
+
+/// A new instance name: host, pid and a random suffix.
+pub(crate) fn new_name() -> String {
+    format!(
+        "{}-{}-{:04x}",
+        hostname().chars().take(24).collect::<String>(),
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 fn hostname() -> String {

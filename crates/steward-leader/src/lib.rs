@@ -5,6 +5,7 @@
 
 mod backlog;
 mod drift;
+pub mod fleet;
 mod health;
 mod instance;
 mod observe;
@@ -17,6 +18,7 @@ pub mod share;
 pub mod status;
 mod term;
 mod tracker;
+mod work;
 
 pub use health::{BranchHealth, HealthRegistry, HealthSnapshot, PassRecord};
 pub use observe::{
@@ -26,7 +28,7 @@ pub use observe::{
 pub use plan::{LoopPlan, PlannedLoop, MONOLITHIC};
 pub use runner::ContactMonitor;
 pub use session::{lock_name, LEADER_PROGRESS, START_TERM};
-pub use settings::{LeaderSettings, LoopMode};
+pub use settings::{FleetSettings, LeaderSettings, LoopMode};
 pub use term::{TermEnd, BACKLOG_TASK};
 pub use tracker::{OverrunState, OverrunTracker, Transition};
 
@@ -357,8 +359,9 @@ impl Candidate {
                 registration: self.instance.registration(),
                 plan: &self.plan,
                 settings: &self.settings,
-                instance: &self.instance,
-                session: &session,
+                sessions: term::TermSessions::Own(&self.instance),
+                holder: term::Holder::Session(&session),
+                contact: ContactMonitor::new(),
                 observer: Arc::new(self.observers.clone()),
                 health: self.health.clone(),
             };

@@ -1,5 +1,5 @@
-//! One maintenance loop: a task with its own work connection that runs a set of branches, each
-//! when it is due. A term runs one per loop of its [`crate::LoopPlan`]; the branches cannot
+//! One maintenance loop: a task that runs a set of branches, each when it is due, on a work
+//! connection of its own or, in a fleet process, on a session of its class's shared pool. A term runs one per loop of its [`crate::LoopPlan`]; the branches cannot
 //! tell which loop runs them.
 //!
 //! The loop waits (one `select!`) for the earliest due branch, a NOTIFY that makes a branch
@@ -10,13 +10,14 @@
 use crate::observe::{BranchHeld, BranchRun, Observer, RunResult};
 use crate::settings::LoopMode;
 use crate::tracker::{OverrunTracker, Transition};
+use crate::work::{Pooled, SharedPool};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use steward_branches::{Branch, BranchContext, BranchError, Outcome};
-use steward_connection::{describe_pg_error, Notifications, Target};
+use steward_connection::{describe_pg_error, Notification, Notifications, Target};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -99,8 +100,8 @@ pub struct LoopTask {
     pub branches: Vec<Arc<dyn Branch>>,
     pub mode: LoopMode,
     pub epoch: i64,
-    /// Where the loop's work session goes (named after the loop).
-    pub target: Target,
+    /// Where the loop's work sessions come from.
+    pub sessions: LoopSessions,
     pub stop: StopSignal,
     pub observer: Arc<dyn Observer>,
     pub contact: ContactMonitor,
@@ -117,9 +118,70 @@ struct Slot {
     wake_channel: Option<String>,
 }
 
+/// Where a loop's work sessions come from.
+pub enum LoopSessions {
+    /// A session of its own (named after the loop), which also listens for its wake channels.
+    Own(Target),
+    /// A fleet's pool of the loop's class; the fleet session listens and forwards.
+    Shared { pool: SharedPool, wakes: WakeRouter },
+}
+
+impl LoopSessions {
+    fn schema(&self) -> &steward_connection::SchemaName {
+        match self {
+            LoopSessions::Own(target) => target.schema(),
+            LoopSessions::Shared { pool, .. } => &pool.schema,
+        }
+    }
+}
+
+/// Hands the notifications a fleet session receives to the loops that wait for their channel.
+#[derive(Clone, Default)]
+pub struct WakeRouter(
+    Arc<
+        Mutex<
+            std::collections::HashMap<
+                String,
+                Vec<tokio::sync::mpsc::UnboundedSender<Notification>>,
+            >,
+        >,
+    >,
+);
+
+impl WakeRouter {
+    /// A receiver of every notification on `channels` from now on.
+    pub fn subscribe(&self, channels: &[&str]) -> Notifications {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for channel in channels {
+            routes
+                .entry((*channel).to_owned())
+                .or_default()
+                .push(sender.clone());
+        }
+        receiver
+    }
+
+    /// Forwards `notification` to its channel's loops, forgetting loops that are gone.
+    pub fn route(&self, notification: Notification) {
+        let mut routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(senders) = routes.get_mut(&notification.channel) {
+            senders.retain(|sender| sender.send(notification.clone()).is_ok());
+        }
+    }
+}
+
+enum LoopClient {
+    Own { client: Client, target: Target },
+    Shared(SharedPool),
+}
+
 struct Connection {
-    client: Client,
+    client: LoopClient,
     notifications: Notifications,
+    /// False once a shared loop's notifications have closed, which only means it has no wake
+    /// channels (an own session's closing means the connection is gone).
+    listening: bool,
 }
 
 /// What the loop waited for.
@@ -159,7 +221,7 @@ impl LoopTask {
                 due: start + phase,
                 phase,
                 tracker: OverrunTracker::default(),
-                wake_channel: branch.wake_channel(self.target.schema()),
+                wake_channel: branch.wake_channel(self.sessions.schema()),
             })
             .collect();
         let mut connection: Option<Connection> = None;
@@ -218,9 +280,36 @@ impl LoopTask {
                 Waited::Stopped => return LoopExit::Stopped,
             };
             let slot = &mut slots[index];
-            let Some(pass) = self.pass(slot, due, conn).await else {
+            let pass = match &mut conn.client {
+                LoopClient::Own { client, target } => self.pass(slot, due, client, target).await,
+                // Waiting for a pooled session counts in the pass's start delay.
+                LoopClient::Shared(pool) => match pool.get().await {
+                    Ok(mut pooled) => {
+                        let pass = self.pass(slot, due, &mut pooled, &pool.target).await;
+                        if pass.is_none() {
+                            // Its statement was cancelled mid-flight: not for the next user.
+                            drop(Pooled::take(pooled));
+                        }
+                        pass
+                    }
+                    Err(error) => {
+                        contact_lost = true;
+                        tracing::warn!(loop_name = self.name, %error, retry_in = ?backoff, "maintenance loop cannot get a session of its pool");
+                        tokio::select! {
+                            _ = self.stop.stopped() => return LoopExit::Stopped,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(self.settings.reconnect_max);
+                        continue;
+                    }
+                },
+            };
+            let Some(pass) = pass else {
                 return LoopExit::Stopped;
             };
+            if std::mem::take(&mut contact_lost) {
+                self.contact.restored_now();
+            }
             self.report(slot, &pass);
             if first_pass {
                 first_pass = false;
@@ -293,10 +382,14 @@ impl LoopTask {
         tokio::select! {
             biased;
             _ = self.stop.stopped() => return Waited::Stopped,
-            notification = conn.notifications.recv() => {
+            notification = conn.notifications.recv(), if conn.listening => {
                 return match notification {
                     Some(notification) => {
                         wake(slots, &notification.channel);
+                        Waited::Again
+                    }
+                    None if matches!(conn.client, LoopClient::Shared(_)) => {
+                        conn.listening = false;
                         Waited::Again
                     }
                     None => Waited::Lost,
@@ -320,7 +413,13 @@ impl LoopTask {
     /// Runs one pass of `slot`'s branch, which was due at `due`, and schedules its next.
     /// `None` when the term ended and the pass did not finish within the grace period (its
     /// statement is then cancelled).
-    async fn pass(&self, slot: &mut Slot, due: Instant, conn: &mut Connection) -> Option<Pass> {
+    async fn pass(
+        &self,
+        slot: &mut Slot,
+        due: Instant,
+        client: &mut Client,
+        target: &Target,
+    ) -> Option<Pass> {
         let started = Instant::now();
         let started_at = SystemTime::now();
         let start_delay = started.saturating_duration_since(due);
@@ -337,9 +436,9 @@ impl LoopTask {
             rows = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let cancel_db = conn.client.cancel_token();
+        let cancel_db = client.cancel_token();
         let mut ctx = BranchContext {
-            client: &mut conn.client,
+            client,
             epoch: self.epoch,
             timeouts: branch.timeouts(),
         };
@@ -351,7 +450,7 @@ impl LoopTask {
                 Ok(result) => result,
                 Err(_) => {
                     // Cancel the statement server-side; the fence keeps a late commit out anyway.
-                    let target = self.target.clone();
+                    let target = target.clone();
                     tokio::spawn(async move { let _ = target.cancel(&cancel_db).await; });
                     tracing::info!(loop_name = self.name, branch = branch.name(), "cancelled the running statement: the term ended");
                     return None;
@@ -417,13 +516,23 @@ impl LoopTask {
     }
 
     async fn connect(&self, slots: &[Slot]) -> Result<Connection, String> {
-        let (client, notifications) = self.target.listen().await.map_err(|e| e.to_string())?;
         let mut channels: Vec<&str> = slots
             .iter()
             .filter_map(|s| s.wake_channel.as_deref())
             .collect();
         channels.sort();
         channels.dedup();
+        let target = match &self.sessions {
+            LoopSessions::Own(target) => target,
+            LoopSessions::Shared { pool, wakes } => {
+                return Ok(Connection {
+                    client: LoopClient::Shared(pool.clone()),
+                    notifications: wakes.subscribe(&channels),
+                    listening: true,
+                })
+            }
+        };
+        let (client, notifications) = target.listen().await.map_err(|e| e.to_string())?;
         for channel in channels {
             // Channel names derive from the validated schema name: plain identifiers.
             client
@@ -432,8 +541,12 @@ impl LoopTask {
                 .map_err(|e| describe_pg_error(&e))?;
         }
         Ok(Connection {
-            client,
+            client: LoopClient::Own {
+                client,
+                target: target.clone(),
+            },
             notifications,
+            listening: true,
         })
     }
 

@@ -182,3 +182,66 @@ impl LeaderSettings {
         problems
     }
 }
+
+/// How a process that maintains many queues shares them with the rest of its fleet and runs
+/// them (ADR 0003). The `[fleet]` section of the configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSettings {
+    /// How often each fleet session reads who leads what and tries the locks the share rule
+    /// names. Bounds the takeover after a crash.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Sessions per database shared by the promoter and rescues of every queue led there.
+    pub slo_sessions: usize,
+    /// Sessions per database shared by the hygiene of every queue led there.
+    pub hygiene_sessions: usize,
+    /// Maintain every schema of the database that holds Steward's tables, checked again every
+    /// `discover_interval`.
+    pub discover: bool,
+    #[serde(with = "humantime_serde")]
+    pub discover_interval: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(250),
+            slo_sessions: 4,
+            hygiene_sessions: 2,
+            discover: false,
+            discover_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl FleetSettings {
+    pub fn validate(&self) -> Vec<InvalidConfig> {
+        let mut problems = Vec::new();
+        for (key, value) in [
+            ("poll_interval", self.poll_interval),
+            ("discover_interval", self.discover_interval),
+        ] {
+            if value.is_zero() {
+                problems.push(InvalidConfig::new(
+                    format!("fleet.{key}"),
+                    value,
+                    "must be positive",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("slo_sessions", self.slo_sessions),
+            ("hygiene_sessions", self.hygiene_sessions),
+        ] {
+            if value == 0 {
+                problems.push(InvalidConfig::new(
+                    format!("fleet.{key}"),
+                    value,
+                    "must be at least 1",
+                ));
+            }
+        }
+        problems
+    }
+}

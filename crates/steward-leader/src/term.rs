@@ -1,4 +1,5 @@
-//! One leadership term: start the loops, watch the leader connection, restart a loop that
+//! One leadership term: start the loops, watch what holds the lock (the candidate's leader
+//! session, or the fleet session of a process that leads many queues), restart a loop that
 //! dies, flush health, and stop everything when the term ends.
 
 use crate::health::writer::health_writer;
@@ -6,9 +7,10 @@ use crate::health::HealthRegistry;
 use crate::instance::{Instance, Registration};
 use crate::observe::Observer;
 use crate::plan::{LoopPlan, PlannedLoop};
-use crate::runner::{ContactMonitor, LoopExit, LoopSettings, LoopTask, StopSignal};
+use crate::runner::{ContactMonitor, LoopExit, LoopSessions, LoopSettings, LoopTask, StopSignal};
 use crate::session::{LeaderSession, ProbeError};
 use crate::settings::LeaderSettings;
+use crate::work::{QueuePools, Sessions};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,14 +32,33 @@ pub const READ_ONLY_SERVER: &str =
 /// The name the backlog measurement's restarts are reported under.
 pub const BACKLOG_TASK: &str = "backlog";
 
+/// What holds the queue's lock for the term.
+pub(crate) enum Holder<'a> {
+    /// The candidate's own leader session, which the term probes.
+    Session(&'a LeaderSession),
+    /// A fleet session, which probes for every queue it holds and says when this one is lost.
+    Fleet(&'a crate::fleet::Lease),
+}
+
+/// Where the term's tasks get their sessions.
+#[derive(Clone, Copy)]
+pub(crate) enum TermSessions<'a> {
+    /// Each task opens its own, named after it.
+    Own(&'a Instance),
+    /// The fleet process's pools in the queue's database.
+    Shared(&'a QueuePools),
+}
+
 /// What a term needs from its candidate.
 pub(crate) struct Term<'a> {
     pub epoch: i64,
     pub registration: &'a Registration,
     pub plan: &'a LoopPlan,
     pub settings: &'a LeaderSettings,
-    pub instance: &'a Instance,
-    pub session: &'a LeaderSession,
+    pub sessions: TermSessions<'a>,
+    pub holder: Holder<'a>,
+    /// When contact with the database was last regained; a fleet session's probe restores it.
+    pub contact: ContactMonitor,
     pub observer: Arc<dyn Observer>,
     pub health: HealthRegistry,
 }
@@ -48,20 +69,29 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
         registration,
         plan,
         settings,
-        instance,
-        session,
+        sessions,
+        holder,
+        contact,
         observer,
         health,
     } = term;
     let stop = StopSignal::default();
-    let contact = ContactMonitor::new();
+    let own_session = match holder {
+        Holder::Session(session) => Some(session),
+        Holder::Fleet(_) => None,
+    };
     let spawn_loop = |tasks: &mut JoinSet<LoopExit>, planned: &PlannedLoop, delay: Duration| {
         let task = LoopTask {
             name: planned.name,
             branches: planned.branches.clone(),
             mode: plan.mode(),
             epoch,
-            target: instance.work_session(planned.name),
+            sessions: match sessions {
+                TermSessions::Own(instance) => {
+                    LoopSessions::Own(instance.work_session(planned.name))
+                }
+                TermSessions::Shared(pools) => pools.for_loop(planned),
+            },
             stop: stop.clone(),
             observer: observer.clone(),
             contact: contact.clone(),
@@ -86,8 +116,15 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     }
     let writer_stop = CancellationToken::new();
     let spawn_measure = |delay: Duration| {
+        let backlog_sessions = match sessions {
+            TermSessions::Own(instance) => Sessions::own(instance.session("backlog").with_setting(
+                "statement_timeout",
+                crate::backlog::statement_timeout(settings.backlog_interval),
+            )),
+            TermSessions::Shared(pools) => Sessions::Shared(pools.backlog.clone()),
+        };
         let measure = crate::backlog::measure(
-            instance.session("backlog"),
+            backlog_sessions,
             plan.branches().map(|(_, branch)| branch.clone()).collect(),
             epoch,
             observer.clone(),
@@ -101,7 +138,10 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     };
     let mut measure = spawn_measure(Duration::ZERO);
     let mut writer = tokio::spawn(health_writer(
-        instance.work_session("health"),
+        match sessions {
+            TermSessions::Own(instance) => Sessions::own(instance.work_session("health")),
+            TermSessions::Shared(pools) => Sessions::Shared(pools.health.clone()),
+        },
         registration.clone(),
         epoch,
         health,
@@ -118,11 +158,11 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                 stop.stop(settings.shutdown_grace);
                 break TermEnd::SteppedDown;
             }
-            _ = session.ended() => {
+            why = lost(&holder) => {
                 stop.stop(Duration::ZERO);
-                break TermEnd::Lost("the leader connection closed".to_owned());
+                break TermEnd::Lost(why);
             }
-            _ = probe.tick() => match session.probe(settings.probe_timeout).await {
+            _ = probe.tick(), if own_session.is_some() => match probe_once(own_session, settings.probe_timeout).await {
                 Ok(rtt) if rtt > settings.stall_threshold => {
                     tracing::warn!(rtt_ms = rtt.as_millis() as u64, "database stall: rescues wait a quiet period again");
                     contact.restored_now();
@@ -195,6 +235,27 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     writer.abort();
     measure.abort();
     end
+}
+
+/// Resolves, with the reason, when the holder has lost the lock.
+async fn lost(holder: &Holder<'_>) -> String {
+    match holder {
+        Holder::Session(session) => {
+            session.ended().await;
+            "the leader connection closed".to_owned()
+        }
+        Holder::Fleet(lease) => lease.lost().await,
+    }
+}
+
+async fn probe_once(
+    session: Option<&LeaderSession>,
+    timeout: Duration,
+) -> Result<Duration, ProbeError> {
+    match session {
+        Some(session) => session.probe(timeout).await,
+        None => Ok(Duration::ZERO),
+    }
 }
 
 fn stop_bound(end: &TermEnd, grace: Duration) -> Duration {

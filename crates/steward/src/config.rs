@@ -11,15 +11,27 @@ use serde::Deserialize;
 use std::path::Path;
 use steward_branches::{BranchesConfig, InvalidConfig};
 use steward_connection::redact_text;
-use steward_leader::LeaderSettings;
+use steward_leader::{FleetSettings, LeaderSettings};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub database_url: Option<String>,
     pub schema: Option<String>,
+    /// The queues one `steward run` maintains (`[[queues]]`); empty: the one queue of
+    /// `database_url` and `schema`, unless `fleet.discover` finds them.
+    pub queues: Vec<QueueEntry>,
+    pub fleet: FleetSettings,
     pub leader: LeaderSettings,
     pub branches: BranchesConfig,
+}
+
+/// One `[[queues]]` entry: a schema, in `database_url` or else the top-level one.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueEntry {
+    pub database_url: Option<String>,
+    pub schema: String,
 }
 
 impl Config {
@@ -139,6 +151,7 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigE
         .extract()
         .map_err(|e| ConfigError::Parse(e.into_iter().map(|e| describe(&e)).collect()))?;
     let mut problems = config.leader.validate();
+    problems.extend(config.fleet.validate());
     problems.extend(config.branches.validate());
     if problems.is_empty() {
         Ok(config)
@@ -177,6 +190,29 @@ mod tests {
         );
         assert_eq!(config.branches.cleanup.batch_size, 300);
         assert_eq!(config.branches.cleanup.interval, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn a_list_of_queues_and_fleet_settings_load_from_the_file() {
+        let f = file(
+            "[[queues]]\nschema = \"tenant_a\"\n[[queues]]\nschema = \"tenant_b\"\ndatabase_url = \"postgres://h/other\"\n[fleet]\ndiscover = true\nslo_sessions = 3\n",
+        );
+        let config = load(Some(f.path()), &[]).unwrap();
+        let schemas: Vec<&str> = config.queues.iter().map(|q| q.schema.as_str()).collect();
+        assert_eq!(schemas, ["tenant_a", "tenant_b"]);
+        assert_eq!(
+            config.queues[1].database_url.as_deref(),
+            Some("postgres://h/other")
+        );
+        assert!(config.fleet.discover);
+        assert_eq!(config.fleet.slo_sessions, 3);
+        let err = load(None, &["fleet.slo_sessions=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fleet.slo_sessions"), "{err}");
+        let f = file("[[queues]]\nschema = \"a\"\nshema = \"b\"\n");
+        let err = load(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("shema"), "{err}");
     }
 
     #[test]

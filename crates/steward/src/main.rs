@@ -1,6 +1,7 @@
 //! `steward`: the maintenance leader for a Postgres job queue.
 
 mod config;
+mod fleet;
 mod jobs;
 mod run;
 mod status;
@@ -49,6 +50,11 @@ impl DbArgs {
     /// Whether a schema was named (flag, environment or configuration file).
     pub fn names_a_schema(&self, config: &config::Config) -> bool {
         self.schema.is_some() || config.schema.is_some()
+    }
+
+    /// The database URL: flags and environment first, then `config`.
+    pub fn database_url(&self, config: &config::Config) -> Option<String> {
+        self.database_url.clone().or(config.database_url.clone())
     }
 
     /// The queue's target: flags and environment first, then `config`.

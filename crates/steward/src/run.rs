@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
-    db: DbArgs,
+    pub(crate) db: DbArgs,
     /// split: SLO and hygiene branches (and the promoter) on loops and connections of their own;
     /// monolithic: every branch on one loop.
     #[arg(long, env = "STEWARD_LOOP_MODE", hide_env_values = true)]
@@ -28,10 +28,14 @@ pub struct RunArgs {
         hide_env_values = true,
         default_value = "127.0.0.1:9464"
     )]
-    metrics_addr: std::net::SocketAddr,
+    pub(crate) metrics_addr: std::net::SocketAddr,
+    /// Maintain every schema of the database that holds Steward's tables, found again every
+    /// minute (as `discover = true` in the config file's `[fleet]` section).
+    #[arg(long, env = "STEWARD_DISCOVER", hide_env_values = true)]
+    discover: bool,
     /// /healthz fails when a maintenance loop finished no iteration for this long.
     #[arg(long, env = "STEWARD_LOOP_STALL_LIMIT", hide_env_values = true, default_value = "2m", value_parser = humantime::parse_duration)]
-    loop_stall_limit: std::time::Duration,
+    pub(crate) loop_stall_limit: std::time::Duration,
 }
 
 /// An error `run` has logged already (its logs may be JSON for a collector): `main` does not
@@ -61,6 +65,12 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
     let mut config = args.db.load_config(&args.overrides)?;
     if let Some(mode) = args.loop_mode {
         config.leader.loop_mode = mode;
+    }
+    if args.discover {
+        config.fleet.discover = true;
+    }
+    if !config.queues.is_empty() || config.fleet.discover {
+        return crate::fleet::run(&args, config, telemetry).await;
     }
     let target = args.db.target(&config)?;
     let candidate = Candidate::new(
@@ -99,7 +109,7 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
 }
 
 /// First SIGTERM/SIGINT: step down cleanly. A second one: exit at once.
-async fn forward_signals(shutdown: CancellationToken) {
+pub(crate) async fn forward_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -4,10 +4,11 @@
 use crate::health::{BranchHealth, HealthRegistry};
 use crate::instance::{Registration, FORGET_GONE};
 use crate::observe::Observer;
+use crate::work::Sessions;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use steward_connection::{describe_pg_error, Reconnecting, Target};
+use steward_connection::describe_pg_error;
 use tokio_util::sync::CancellationToken;
 
 /// Upserts per-branch health from a batch of parallel arrays; a writer of an older term never
@@ -45,10 +46,10 @@ UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = 
 const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(15);
 
 /// Marks progress for standbys, keeps the candidates table fresh and flushes branch health,
-/// every `every`, on its own connection; checks the candidates for drift every
+/// every `every`, on `sessions`; checks the candidates for drift every
 /// [`DRIFT_CHECK_EVERY`]. Returns when the progress mark shows that a newer term has started.
 pub(crate) async fn health_writer(
-    target: Target,
+    mut session: Sessions,
     registration: Registration,
     epoch: i64,
     health: HealthRegistry,
@@ -56,7 +57,6 @@ pub(crate) async fn health_writer(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut session = Reconnecting::new(target);
     let mut warned = HashSet::new();
     let mut drift_checked: Option<Instant> = None;
     let mut tick = tokio::time::interval(every);
@@ -83,7 +83,7 @@ pub(crate) async fn health_writer(
         }
         // The leader keeps its own candidate record fresh, and forgets candidates long gone.
         let registered = async {
-            registration.refresh(c).await?;
+            registration.refresh(&*c).await?;
             c.execute(FORGET_GONE, &[]).await
         };
         if let Err(error) = registered.await {
@@ -92,7 +92,7 @@ pub(crate) async fn health_writer(
         if drift_checked.is_none_or(|at| at.elapsed() >= DRIFT_CHECK_EVERY) {
             drift_checked = Some(Instant::now());
             if let Err(error) =
-                crate::drift::check(c, &registration, &mut warned, observer.as_ref()).await
+                crate::drift::check(&c, &registration, &mut warned, observer.as_ref()).await
             {
                 tracing::debug!(error = %describe_pg_error(&error), "could not read the candidates");
             }
@@ -101,7 +101,7 @@ pub(crate) async fn health_writer(
         if dirty.is_empty() {
             continue;
         }
-        if let Err(error) = write_health(c, epoch, &dirty).await {
+        if let Err(error) = write_health(&c, epoch, &dirty).await {
             tracing::warn!(error = %describe_pg_error(&error), "could not write branch health");
         }
     }
