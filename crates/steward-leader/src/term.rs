@@ -121,7 +121,7 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
                 "statement_timeout",
                 crate::backlog::statement_timeout(settings.backlog_interval),
             )),
-            TermSessions::Shared(pools) => Sessions::Shared(pools.backlog.clone()),
+            TermSessions::Shared(pools) => Sessions::Shared(Box::new(pools.backlog.clone())),
         };
         let measure = crate::backlog::measure(
             backlog_sessions,
@@ -140,7 +140,7 @@ pub(crate) async fn run_term(term: Term<'_>, shutdown: &CancellationToken) -> Te
     let mut writer = tokio::spawn(health_writer(
         match sessions {
             TermSessions::Own(instance) => Sessions::own(instance.work_session("health")),
-            TermSessions::Shared(pools) => Sessions::Shared(pools.health.clone()),
+            TermSessions::Shared(pools) => Sessions::Shared(Box::new(pools.health.clone())),
         },
         registration.clone(),
         epoch,

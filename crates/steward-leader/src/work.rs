@@ -38,13 +38,13 @@ impl SharedPool {
 /// A periodic task's sessions: its own, reopened when it ends, or a shared pool's.
 pub(crate) enum Sessions {
     Own(Box<Reconnecting>),
-    Shared(SharedPool),
+    Shared(Box<SharedPool>),
 }
 
 /// A session to run statements on, for as long as it is held.
 pub(crate) enum Session<'a> {
     Own(&'a Client),
-    Shared(Pooled),
+    Shared(Box<Pooled>),
 }
 
 impl Deref for Session<'_> {
@@ -70,7 +70,7 @@ impl Sessions {
                 .await
                 .map(Session::Own)
                 .map_err(|e| e.to_string()),
-            Sessions::Shared(pool) => pool.get().await.map(Session::Shared),
+            Sessions::Shared(pool) => pool.get().await.map(|s| Session::Shared(Box::new(s))),
         }
     }
 }
