@@ -10,9 +10,11 @@
 //!   told happened, for a consumer to report or to check against the database.
 //! - [`fleet`]: `steward run` processes: spawned with JSON logs, their lines collected with the
 //!   time each was written, signalled, and read from /proc.
+//! - [`queues`]: many queues in one database: migrating them, and who leads each.
 
 pub mod behaviour;
 pub mod fleet;
+pub mod queues;
 mod rng;
 pub mod workload;
 
