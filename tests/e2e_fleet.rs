@@ -237,3 +237,93 @@ fn a_database_that_cannot_be_reached_does_not_disturb_the_others() {
         "{output}"
     );
 }
+
+/// A process that stops making progress (SIGSTOP: sockets open, nothing runs) loses all its
+/// queues: the others end its sessions after the wedge timeout and take them. Resumed, it finds
+/// its sessions gone, records its terms as lost, and takes its share back as a standby would.
+#[test]
+fn a_wedged_process_loses_its_queues_and_takes_its_share_back_when_resumed() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    let mut all = schema_names(9);
+    queues::migrate(Path::new(STEWARD), &url, &all).unwrap();
+    all.push(db.schema().to_string());
+    let client = runtime.block_on(db.client());
+    let leaders = || runtime.block_on(queues::leaders(&client, &all)).unwrap();
+    let args = ["--discover", "--set", "leader.wedge_timeout=4s"];
+    let fleet: Vec<Steward> = (0..2).map(|_| Steward::spawn(&url, &args)).collect();
+    let instance_of = |s: &Steward| {
+        s.wait_for(
+            "steward starting as a fleet process",
+            Duration::from_secs(30),
+        )
+        .field_str("instance")
+        .map(str::to_owned)
+        .unwrap()
+    };
+    let names: Vec<String> = fleet.iter().map(instance_of).collect();
+    // 10 queues on 2: fair share 5, cap 6.
+    wait_until_explained(
+        "10 queues shared by both processes",
+        Duration::from_secs(60),
+        || {
+            let counts = queues::counts(&leaders());
+            counts.values().sum::<usize>() == 10 && counts.len() == 2
+        },
+        || format!("{:?}", queues::counts(&leaders())),
+    );
+    let epochs = |client: &tokio_postgres::Client| -> BTreeMap<String, i64> {
+        all.iter()
+            .map(|schema| {
+                let row = runtime
+                    .block_on(client.query_one(
+                        &format!("SELECT epoch FROM \"{schema}\".leader WHERE id = 1"),
+                        &[],
+                    ))
+                    .unwrap();
+                (schema.clone(), row.get(0))
+            })
+            .collect()
+    };
+    let before = epochs(&client);
+    let wedged_led: Vec<String> = leaders()
+        .into_iter()
+        .filter(|(_, l)| *l == names[0])
+        .map(|(schema, _)| schema)
+        .collect();
+    let wedged = &fleet[0];
+    wedged.signal("STOP");
+    wait_until_explained(
+        "the other process to lead all 10 queues",
+        Duration::from_secs(60),
+        || leaders().values().filter(|l| **l == names[1]).count() == 10,
+        || format!("{:?}", queues::counts(&leaders())),
+    );
+    fleet[1].wait_for("ended the wedged leader's sessions", Duration::from_secs(5));
+    wedged.signal("CONT");
+    wedged.wait_for("leadership lost", Duration::from_secs(30));
+    wait_until_explained(
+        "the resumed process to take a share again",
+        Duration::from_secs(60),
+        || {
+            let counts = queues::counts(&leaders());
+            counts.get(&names[0]).is_some_and(|n| *n >= 4) && counts.values().sum::<usize>() == 10
+        },
+        || format!("{:?}", queues::counts(&leaders())),
+    );
+    // Each queue taken from the wedged process got a new term; none went back to an old one.
+    let after = epochs(&client);
+    for schema in &all {
+        assert!(
+            after[schema] >= before[schema],
+            "{schema}: {before:?} → {after:?}"
+        );
+    }
+    for schema in &wedged_led {
+        assert!(
+            after[schema] > before[schema],
+            "{schema}: {before:?} → {after:?}"
+        );
+    }
+}

@@ -517,6 +517,15 @@ impl DatabaseActor {
                 unled_for.insert(schema.clone(), now - since);
             }
         }
+        // A lock this session holds without a term (a release that failed) would keep the
+        // queue from everyone: give it back, so that the queue is free next round.
+        let me = self.instance.name().to_owned();
+        for (schema, leader) in &leaders {
+            if *leader == me && self.queues.get(schema).is_some_and(|q| q.led.is_none()) {
+                tracing::warn!(queue = %schema, "held the queue's lock without a term; releasing it");
+                release(client, schema).await?;
+            }
+        }
         self.live = live.clone();
         self.leaders = leaders.clone();
         if read_only {
@@ -687,9 +696,13 @@ impl DatabaseActor {
         let Some(q) = self.queues.get_mut(schema) else {
             return release(client, schema).await;
         };
-        if q.led.as_ref().is_some_and(|led| led.epoch == epoch) {
-            q.led = None;
+        // Only the queue's current term gives its lock back: a stale term's end must never
+        // release a lock a newer term holds.
+        if !q.led.as_ref().is_some_and(|led| led.epoch == epoch) {
+            tracing::debug!(queue = %q.queue.name, epoch, "an earlier term ended");
+            return Ok(());
         }
+        q.led = None;
         let q = &*q;
         match end {
             TermEnd::SteppedDown => {
