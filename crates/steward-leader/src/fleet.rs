@@ -698,7 +698,7 @@ impl DatabaseActor {
         };
         // Only the queue's current term gives its lock back: a stale term's end must never
         // release a lock a newer term holds.
-        if !q.led.as_ref().is_some_and(|led| led.epoch == epoch) {
+        if q.led.as_ref().is_none_or(|led| led.epoch != epoch) {
             tracing::debug!(queue = %q.queue.name, epoch, "an earlier term ended");
             return Ok(());
         }
