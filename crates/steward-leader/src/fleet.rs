@@ -381,7 +381,7 @@ impl DatabaseActor {
         for observer in self.setup.observers(&queue, &plan, &health) {
             observers.push(observer);
         }
-        tracing::info!(queue = %queue.name, database = %self.describe(), "maintaining a queue");
+        tracing::info!(name = %queue.name, %schema, database = %self.describe(), "maintaining a queue");
         self.queues.insert(
             schema.to_string(),
             Queue {
@@ -522,7 +522,7 @@ impl DatabaseActor {
         let me = self.instance.name().to_owned();
         for (schema, leader) in &leaders {
             if *leader == me && self.queues.get(schema).is_some_and(|q| q.led.is_none()) {
-                tracing::warn!(queue = %schema, "held the queue's lock without a term; releasing it");
+                tracing::warn!(schema = %schema, "held the queue's lock without a term; releasing it");
                 release(client, schema).await?;
             }
         }
@@ -554,7 +554,7 @@ impl DatabaseActor {
                 }
                 Action::StepDown(schema) => {
                     if let Some(led) = self.queues.get(&schema).and_then(|q| q.led.as_ref()) {
-                        tracing::info!(queue = %schema, epoch = led.epoch, "over this process's share: handing the queue over");
+                        tracing::info!(schema = %schema, epoch = led.epoch, "over this process's share: handing the queue over");
                         led.step_down.cancel();
                     }
                 }
@@ -589,7 +589,7 @@ impl DatabaseActor {
             }
             Err(error) => {
                 // Logged once per recheck: another version, or the tables are gone.
-                tracing::warn!(queue = %q.queue.name, %error, recheck_in = ?REFUSED_RECHECK, "not leading this queue");
+                tracing::warn!(schema = %q.schema, %error, recheck_in = ?REFUSED_RECHECK, "not leading this queue");
                 q.refused_until = Some(Instant::now() + REFUSED_RECHECK);
                 return release(client, schema).await;
             }
@@ -625,7 +625,7 @@ impl DatabaseActor {
         let epoch = match started {
             Ok(epoch) => epoch,
             Err(error) => {
-                tracing::warn!(queue = %q.queue.name, error = %describe_pg_error(&error), "could not start a leadership term; trying again next round");
+                tracing::warn!(schema = %q.schema, error = %describe_pg_error(&error), "could not start a leadership term; trying again next round");
                 return release(client, schema).await;
             }
         };
@@ -641,7 +641,7 @@ impl DatabaseActor {
                 .await
                 .map_err(|e| describe_pg_error(&e))?;
         }
-        tracing::info!(queue = %q.queue.name, epoch, instance = %self.instance.name(), "leadership acquired");
+        tracing::info!(schema = %q.schema, epoch, instance = %self.instance.name(), "leadership acquired");
         q.observers.leadership(&LeadershipEvent::Acquired { epoch });
         q.unled_since = None;
         let led = Led {
@@ -699,7 +699,7 @@ impl DatabaseActor {
         // Only the queue's current term gives its lock back: a stale term's end must never
         // release a lock a newer term holds.
         if q.led.as_ref().is_none_or(|led| led.epoch != epoch) {
-            tracing::debug!(queue = %q.queue.name, epoch, "an earlier term ended");
+            tracing::debug!(schema = %q.schema, epoch, "an earlier term ended");
             return Ok(());
         }
         q.led = None;
@@ -712,12 +712,12 @@ impl DatabaseActor {
                     .execute("SELECT pg_notify($1, $2)", &[&FLEET_CHANNEL, &schema])
                     .await
                     .map_err(|e| describe_pg_error(&e))?;
-                tracing::info!(queue = %q.queue.name, epoch, "stepped down");
+                tracing::info!(schema = %q.schema, epoch, "stepped down");
                 q.observers
                     .leadership(&LeadershipEvent::SteppedDown { epoch });
             }
             TermEnd::Lost(reason) => {
-                tracing::warn!(queue = %q.queue.name, epoch, %reason, "leadership lost");
+                tracing::warn!(schema = %q.schema, epoch, %reason, "leadership lost");
                 q.observers
                     .leadership(&LeadershipEvent::Lost { epoch, reason });
                 if !client.is_closed() {
@@ -830,7 +830,7 @@ impl DatabaseActor {
             {
                 continue;
             }
-            tracing::warn!(queue = %schema, epoch, %instance, stalled_secs = age, "the leader has made no progress; ending its sessions to take over");
+            tracing::warn!(schema = %schema, epoch, %instance, stalled_secs = age, "the leader has made no progress; ending its sessions to take over");
             let pattern = format!("steward:{}:%", like_escape(&instance));
             match client.query_one(TERMINATE_INSTANCE, &[&pattern]).await {
                 Ok(row) => {
@@ -884,7 +884,7 @@ impl DatabaseActor {
                 tx.commit().await
             };
             if let Err(error) = refreshed.await {
-                tracing::debug!(queue = %schema, error = %describe_pg_error(&error), "could not record this candidate");
+                tracing::debug!(schema = %schema, error = %describe_pg_error(&error), "could not record this candidate");
             }
         }
         Ok(())
@@ -913,7 +913,7 @@ impl DatabaseActor {
                 None => break,
                 Some(Ok((schema, epoch, end))) => {
                     if let Err(error) = self.term_ended(client, &schema, epoch, end).await {
-                        tracing::debug!(queue = %schema, %error, "could not close the term; closing the session releases the lock");
+                        tracing::debug!(schema = %schema, %error, "could not close the term; closing the session releases the lock");
                     }
                 }
                 Some(Err(_)) => {}
@@ -929,7 +929,7 @@ impl DatabaseActor {
                 tx.commit().await
             };
             if let Err(error) = withdrawn.await {
-                tracing::debug!(queue = %schema, error = %describe_pg_error(&error), "could not withdraw the candidate");
+                tracing::debug!(schema = %schema, error = %describe_pg_error(&error), "could not withdraw the candidate");
             }
         }
     }
@@ -950,7 +950,7 @@ impl DatabaseActor {
                 TermEnd::SteppedDown => why.to_owned(),
             };
             if let Some(q) = self.queues.get_mut(&schema) {
-                tracing::warn!(queue = %q.queue.name, epoch, %reason, "leadership lost");
+                tracing::warn!(schema = %q.schema, epoch, %reason, "leadership lost");
                 q.observers
                     .leadership(&LeadershipEvent::Lost { epoch, reason });
             }
@@ -971,7 +971,7 @@ impl DatabaseActor {
             .collect();
         for schema in gone {
             if let Some(q) = self.queues.remove(&schema) {
-                tracing::info!(queue = %q.queue.name, "the queue's schema is gone: no longer maintaining it");
+                tracing::info!(schema = %q.schema, "the queue's schema is gone: no longer maintaining it");
                 self.setup.removed(&q.queue);
             }
         }
@@ -1006,9 +1006,9 @@ async fn end_term(client: &mut Client, schema: &str, epoch: i64) {
     match tokio::time::timeout(Duration::from_secs(2), ended).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
-            tracing::warn!(queue = %schema, error = %describe_pg_error(&error), "could not record the end of the term")
+            tracing::warn!(schema = %schema, error = %describe_pg_error(&error), "could not record the end of the term")
         }
-        Err(_) => tracing::warn!(queue = %schema, "recording the end of the term timed out"),
+        Err(_) => tracing::warn!(schema = %schema, "recording the end of the term timed out"),
     }
 }
 
