@@ -113,6 +113,19 @@ pub trait QueueSetup: Send + Sync {
     ) -> Vec<Arc<dyn Observer>>;
     /// The queue left the list (its schema is gone): forget it.
     fn removed(&self, _queue: &QueueRef) {}
+    /// After each round in `database`: the queues this process leads there, and its fair share
+    /// and cap.
+    fn shared(&self, _database: &str, _share: Share) {}
+}
+
+/// A process's part of one database's queues, after a round of the share rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub led: usize,
+    pub fair: usize,
+    pub cap: usize,
+    /// The live processes of the fleet in the database, this one included.
+    pub processes: usize,
 }
 
 /// How a fleet term learns it is over: the fleet session is gone, no longer holds the queue's
@@ -302,6 +315,11 @@ impl DatabaseActor {
 
     fn describe(&self) -> String {
         self.database.target.to_string()
+    }
+
+    /// The database's name, as labels show it.
+    fn database_name(&self) -> &str {
+        self.database.target.config().get_dbname().unwrap_or_default()
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), LeaderError> {
@@ -528,6 +546,15 @@ impl DatabaseActor {
         }
         self.live = live.clone();
         self.leaders = leaders.clone();
+        self.setup.shared(
+            self.database_name(),
+            Share {
+                led: self.queues.values().filter(|q| q.led.is_some()).count(),
+                fair: ShareRule::fair_share(queues.len(), live.len()),
+                cap: ShareRule::cap(queues.len(), live.len()),
+                processes: live.len(),
+            },
+        );
         if read_only {
             return Ok(());
         }
