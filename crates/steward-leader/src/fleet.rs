@@ -17,7 +17,7 @@ use crate::share::{Action, FleetView, ShareRule};
 use crate::term::{self, Holder, TermEnd, TermSessions};
 use crate::work::DatabasePools;
 use crate::{pinning, LeaderError};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use steward_branches::Branch;
@@ -76,6 +76,9 @@ SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::
 /// leader row) before the fleet session gives the queue up for this round: the fleet session
 /// serves every queue, so it must not wait on one for long.
 const START_TERM_LOCK_TIMEOUT: &str = "2s";
+
+/// The name a fleet term's task is reported under when it dies (`loop_restarted`).
+pub const TERM_TASK: &str = "term";
 
 /// A queue whose schema this steward cannot run (another version) is tried again after this.
 const REFUSED_RECHECK: Duration = Duration::from_secs(60);
@@ -233,6 +236,7 @@ impl Fleet {
                 pools,
                 queues: BTreeMap::new(),
                 terms: JoinSet::new(),
+                term_tasks: HashMap::new(),
                 read_only: false,
                 pinning_checked: false,
                 leaders: BTreeMap::new(),
@@ -253,6 +257,7 @@ impl Fleet {
                 Err(error) => {
                     tracing::error!(%error, "a fleet database task died; stopping");
                     shutdown.cancel();
+                    result = Err(LeaderError::FleetTaskDied(error.to_string()));
                 }
             }
         }
@@ -301,6 +306,8 @@ struct DatabaseActor {
     pools: DatabasePools,
     queues: BTreeMap<String, Queue>,
     terms: JoinSet<(String, i64, TermEnd)>,
+    /// The queue and epoch of each term task, to tell which one died if one does.
+    term_tasks: HashMap<tokio::task::Id, (String, i64)>,
     read_only: bool,
     pinning_checked: bool,
     /// The last round's view: the leader of each queue another fleet process leads.
@@ -319,7 +326,11 @@ impl DatabaseActor {
 
     /// The database's name, as labels show it.
     fn database_name(&self) -> &str {
-        self.database.target.config().get_dbname().unwrap_or_default()
+        self.database
+            .target
+            .config()
+            .get_dbname()
+            .unwrap_or_default()
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), LeaderError> {
@@ -455,14 +466,9 @@ impl DatabaseActor {
                 _ = probe.tick() => self.probe(client).await,
                 _ = wedge.tick() => self.watch_for_wedged(client).await,
                 _ = discover.tick() => self.discover(client).await,
-                Some(joined) = self.terms.join_next() => match joined {
-                    Ok((schema, epoch, end)) => self.term_ended(client, &schema, epoch, end).await,
-                    Err(error) => {
-                        // A term task that panicked: run_term itself never does, so this is a
-                        // bug; its queue is given up so that another process can take it.
-                        tracing::error!(%error, "a queue's term task died");
-                        Ok(())
-                    }
+                Some(joined) = self.terms.join_next_with_id() => match self.finished(joined) {
+                    Some((schema, epoch, end)) => self.term_ended(client, &schema, epoch, end).await,
+                    None => Ok(()),
                 },
             };
             if let Err(error) = result {
@@ -688,8 +694,9 @@ impl DatabaseActor {
             led.step_down.clone(),
             led.contact.clone(),
         );
+        let schema_name = schema;
         let schema = schema.to_owned();
-        self.terms.spawn(async move {
+        let task = self.terms.spawn(async move {
             let end = term::run_term(
                 term::Term {
                     epoch,
@@ -707,6 +714,8 @@ impl DatabaseActor {
             .await;
             (schema, epoch, end)
         });
+        self.term_tasks
+            .insert(task.id(), (schema_name.to_owned(), epoch));
         q.led = Some(led);
         Ok(())
     }
@@ -929,21 +938,18 @@ impl DatabaseActor {
         let deadline = tokio::time::Instant::now() + bound;
         loop {
             let joined = tokio::select! {
-                joined = self.terms.join_next() => joined,
+                joined = self.terms.join_next_with_id() => joined,
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!("terms did not end in time; closing the fleet session releases their locks");
                     self.terms.abort_all();
                     break;
                 }
             };
-            match joined {
-                None => break,
-                Some(Ok((schema, epoch, end))) => {
-                    if let Err(error) = self.term_ended(client, &schema, epoch, end).await {
-                        tracing::debug!(schema = %schema, %error, "could not close the term; closing the session releases the lock");
-                    }
+            let Some(joined) = joined else { break };
+            if let Some((schema, epoch, end)) = self.finished(joined) {
+                if let Err(error) = self.term_ended(client, &schema, epoch, end).await {
+                    tracing::debug!(schema = %schema, %error, "could not close the term; closing the session releases the lock");
                 }
-                Some(Err(_)) => {}
             }
         }
         for schema in self.queues.keys() {
@@ -968,8 +974,8 @@ impl DatabaseActor {
                 led.lease.end(why);
             }
         }
-        while let Some(joined) = self.terms.join_next().await {
-            let Ok((schema, epoch, end)) = joined else {
+        while let Some(joined) = self.terms.join_next_with_id().await {
+            let Some((schema, epoch, end)) = self.finished(joined) else {
                 continue;
             };
             let reason = match end {
@@ -986,6 +992,30 @@ impl DatabaseActor {
             q.led = None;
         }
         self.forget_gone();
+    }
+
+    /// How a term task ended, by its queue. A task that died (run_term never panics, so this
+    /// is a bug) ends its term as lost, logged and counted as a restart: the queue is released
+    /// and taken again at a next round, by this process or another.
+    fn finished(
+        &mut self,
+        joined: Result<(tokio::task::Id, (String, i64, TermEnd)), tokio::task::JoinError>,
+    ) -> Option<(String, i64, TermEnd)> {
+        match joined {
+            Ok((id, ended)) => {
+                self.term_tasks.remove(&id);
+                Some(ended)
+            }
+            Err(error) => {
+                let (schema, epoch) = self.term_tasks.remove(&error.id())?;
+                let reason = format!("the term's task died: {error}");
+                tracing::error!(%schema, epoch, %reason, "a queue's term died; releasing the queue");
+                if let Some(q) = self.queues.get(&schema) {
+                    q.observers.loop_restarted(TERM_TASK, &reason);
+                }
+                Some((schema, epoch, TermEnd::Lost(reason)))
+            }
+        }
     }
 
     /// Forgets the queues whose schema is gone, once their terms are over.

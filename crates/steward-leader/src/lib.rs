@@ -49,6 +49,8 @@ pub enum LeaderError {
     Connect(#[from] steward_connection::ConnectError),
     #[error(transparent)]
     Pinning(#[from] pinning::PinningError),
+    #[error("a fleet database task died: {0}")]
+    FleetTaskDied(String),
     #[error("{what} ({target}), for {for_:?}; giving up: {error}")]
     Refused {
         what: &'static str,
