@@ -352,6 +352,51 @@ fn the_dashboard_uses_only_listed_metrics_and_labels() {
     assert_none("dashboards/steward.json", problems);
 }
 
+/// Selectors of per-queue metrics that do not filter by the dashboard's queue variables: a panel
+/// would mix the queues the viewer did not select into the ones they did.
+fn unfiltered_selectors(place: &str, expr: &str) -> Vec<String> {
+    let code = STRING.replace_all(expr, |c: &regex::Captures| {
+        // The variables' matchers stay readable; other strings are blanked as elsewhere.
+        match &c[0] {
+            r#""$schema""# | r#""$database""# => c[0].to_owned(),
+            _ => "\"\"".to_owned(),
+        }
+    });
+    SELECTOR
+        .captures_iter(&code)
+        .filter(|selector| series(&selector[1]).is_some_and(|(metric, _)| metric.per_queue))
+        .filter(|selector| {
+            !(selector[2].contains(r#"schema=~"$schema""#)
+                && selector[2].contains(r#"database=~"$database""#))
+        })
+        .map(|selector| {
+            format!(
+                "{place}: {} does not filter by schema=~\"$schema\" and database=~\"$database\"",
+                &selector[0]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_dashboard_query_filters_by_the_selected_queues() {
+    let dashboard = dashboard();
+    let problems = dashboard_expressions(&dashboard)
+        .iter()
+        // The queue variables themselves list what there is to select from.
+        .filter(|(place, _)| {
+            !["variable \"schema\"", "variable \"database\""].contains(&place.as_str())
+        })
+        .flat_map(|(place, expr)| unfiltered_selectors(place, expr))
+        .collect();
+    assert_none("dashboards/steward.json", problems);
+    let queue_variables: Vec<&str> = variables(&dashboard)
+        .filter_map(|v| v["name"].as_str())
+        .filter(|name| [names::SCHEMA_LABEL, names::DATABASE_LABEL].contains(name))
+        .collect();
+    assert_eq!(queue_variables, ["schema", "database"]);
+}
+
 #[test]
 fn the_dashboard_defines_every_variable_it_uses() {
     assert_none("dashboards/steward.json", undefined_variables(&dashboard()));
