@@ -22,6 +22,8 @@ use tokio::sync::Mutex;
 struct ServedQueue {
     health: HealthRegistry,
     target: Target,
+    /// Its database's [`database_key`], worked out once.
+    database: String,
     /// The session `/status` reads the database's view of this queue with.
     status: Arc<Mutex<Reconnecting>>,
 }
@@ -39,6 +41,7 @@ impl ServedQueues {
         let status = Arc::new(Mutex::new(Reconnecting::new(target.named("steward:page"))));
         let queue = ServedQueue {
             health,
+            database: database_key(&target),
             target,
             status,
         };
@@ -55,13 +58,10 @@ impl ServedQueues {
         self.read().keys().cloned().collect()
     }
 
-    /// The queues served right now, in name order. A copy: no lock is held while a request
-    /// awaits the database.
-    fn current(&self) -> Vec<(String, ServedQueue)> {
-        self.read()
-            .iter()
-            .map(|(name, queue)| (name.clone(), queue.clone()))
-            .collect()
+    /// `f` of the queues served right now, by name. `f` must not await: the map is locked
+    /// meanwhile (a process may serve thousands of queues, so requests do not copy it).
+    fn with<R>(&self, f: impl FnOnce(&BTreeMap<String, ServedQueue>) -> R) -> R {
+        f(&self.read())
     }
 
     // A poisoned lock only means a writer panicked between two map operations; the map itself
@@ -192,26 +192,27 @@ type NotChosen = (StatusCode, Value);
 /// The queue a `/status` or `/passes` request is about: the one named by `?queue=`, else the
 /// first served.
 fn chosen(state: &HttpState, name: Option<&str>) -> Result<(String, ServedQueue), NotChosen> {
-    let queues = state.queues.current();
-    let names = || queues.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    match name {
+    state.queues.with(|queues| match name {
         Some(name) => queues
-            .iter()
-            .find(|(n, _)| n == name)
-            .cloned()
+            .get_key_value(name)
+            .map(|(n, q)| (n.clone(), q.clone()))
             .ok_or_else(|| {
+                let names: Vec<&String> = queues.keys().collect();
                 (
                     StatusCode::NOT_FOUND,
-                    json!({ "error": format!("no queue named {name:?}"), "queues": names() }),
+                    json!({ "error": format!("no queue named {name:?}"), "queues": names }),
                 )
             }),
-        None => queues.first().cloned().ok_or_else(|| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "this process serves no queue yet" }),
-            )
-        }),
-    }
+        None => queues
+            .first_key_value()
+            .map(|(n, q)| (n.clone(), q.clone()))
+            .ok_or_else(|| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": "this process serves no queue yet" }),
+                )
+            }),
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -312,13 +313,29 @@ fn loop_ages(snapshot: &HealthSnapshot) -> BTreeMap<String, f64> {
 /// and `loops` its loops. Several: `leader` lists the queues this process leads, `loops` is by
 /// queue, and each stalled loop is named `<queue>: <loop> (...)`.
 async fn healthz(State(state): State<HttpState>) -> Response {
-    let queues = state.queues.current();
     let limit = state.loop_stall_limit;
-    let (body, stalled) = if let [(_, queue)] = queues.as_slice() {
+    let (body, stalled) = state
+        .queues
+        .with(|queues| healthz_body(&state.instance, queues, limit));
+    let status = if stalled {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `/healthz`'s body, and whether a loop stalled.
+fn healthz_body(
+    instance: &str,
+    queues: &BTreeMap<String, ServedQueue>,
+    limit: Duration,
+) -> (Value, bool) {
+    if let (1, Some(queue)) = (queues.len(), queues.values().next()) {
         let snapshot = queue.health.snapshot();
         let stalled = stalled_loops(&snapshot, limit);
         let body = json!({
-            "instance": state.instance,
+            "instance": instance,
             "leader": snapshot.is_leader,
             "loops": loop_ages(&snapshot),
             "stalled": stalled,
@@ -328,7 +345,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
         let mut leading = Vec::new();
         let mut loops = BTreeMap::new();
         let mut stalled = Vec::new();
-        for (name, queue) in &queues {
+        for (name, queue) in queues {
             let snapshot = queue.health.snapshot();
             if snapshot.is_leader {
                 leading.push(name.clone());
@@ -341,19 +358,13 @@ async fn healthz(State(state): State<HttpState>) -> Response {
             loops.insert(name.clone(), loop_ages(&snapshot));
         }
         let body = json!({
-            "instance": state.instance,
+            "instance": instance,
             "leader": leading,
             "loops": loops,
             "stalled": stalled,
         });
         (body, !stalled.is_empty())
-    };
-    let status = if stalled {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    (status, Json(body)).into_response()
+    }
 }
 
 /// Whether the probe session answers `SELECT 1` within 2 s; why not otherwise.
@@ -375,7 +386,26 @@ async fn probe(session: Arc<Mutex<Reconnecting>>) -> Result<(), String> {
 /// queue. With one queue the answer is as it always was; with several it also lists each
 /// database (`databases`) and the queues standing aside (`standing_aside`).
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let queues = state.queues.current();
+    // Each queue's name and why it stands aside, if it does; each database's key, a target in
+    // it, and its queues' names.
+    type Databases = Vec<(String, Target, Vec<String>)>;
+    let (queues, databases): (Vec<(String, Option<String>)>, Databases) =
+        state.queues.with(|served| {
+            let mut databases: Databases = Vec::new();
+            let mut queues = Vec::with_capacity(served.len());
+            for (name, queue) in served {
+                queues.push((name.clone(), queue.health.snapshot().standing_aside));
+                match databases.iter_mut().find(|(k, _, _)| *k == queue.database) {
+                    Some((_, _, names)) => names.push(name.clone()),
+                    None => databases.push((
+                        queue.database.clone(),
+                        queue.target.clone(),
+                        vec![name.clone()],
+                    )),
+                }
+            }
+            (queues, databases)
+        });
     if queues.is_empty() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -383,13 +413,13 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         );
     }
     // Reachable is not enough: on a server that refuses writes this instance can never lead.
-    let aside: Vec<(String, String)> = queues
+    let aside: Vec<(&String, &String)> = queues
         .iter()
-        .filter_map(|(name, q)| Some((name.clone(), q.health.snapshot().standing_aside?)))
+        .filter_map(|(name, why)| Some((name, why.as_ref()?)))
         .collect();
     if aside.len() == queues.len() {
         let reason = match aside.as_slice() {
-            [(_, why)] => why.clone(),
+            [(_, why)] => (*why).clone(),
             _ => aside
                 .iter()
                 .map(|(name, why)| format!("{name}: {why}"))
@@ -403,14 +433,6 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     }
 
     // One probe per database, all at once: a slow database must not delay the others' answer.
-    let mut databases: Vec<(String, Target, Vec<String>)> = Vec::new();
-    for (name, queue) in &queues {
-        let key = database_key(&queue.target);
-        match databases.iter_mut().find(|(k, _, _)| *k == key) {
-            Some((_, _, names)) => names.push(name.clone()),
-            None => databases.push((key, queue.target.clone(), vec![name.clone()])),
-        }
-    }
     let keyed: Vec<(String, Target)> = databases
         .iter()
         .map(|(k, t, _)| (k.clone(), t.clone()))
@@ -458,7 +480,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
             }),
         })
         .collect();
-    let aside: Vec<String> = aside.into_iter().map(|(name, _)| name).collect();
+    let aside: Vec<&String> = aside.into_iter().map(|(name, _)| name).collect();
     if unreachable.is_empty() {
         let body = json!({
             "database": "reachable",
@@ -489,7 +511,6 @@ fn unready(reason: String) -> Response {
 /// This instance's view of its leadership. One queue: `leader`, `epoch` and `branches` at the
 /// top. Several: the same three per queue under `queues`.
 async fn leader(State(state): State<HttpState>) -> Response {
-    let queues = state.queues.current();
     let view = |snapshot: HealthSnapshot| {
         json!({
             "leader": snapshot.is_leader,
@@ -497,16 +518,19 @@ async fn leader(State(state): State<HttpState>) -> Response {
             "branches": snapshot.branches,
         })
     };
-    if let [(_, queue)] = queues.as_slice() {
-        let mut body = view(queue.health.snapshot());
-        body["instance"] = json!(state.instance);
-        return Json(body).into_response();
-    }
-    let by_queue: BTreeMap<&String, Value> = queues
-        .iter()
-        .map(|(name, queue)| (name, view(queue.health.snapshot())))
-        .collect();
-    Json(json!({ "instance": state.instance, "queues": by_queue })).into_response()
+    let body = state.queues.with(|queues| {
+        if let (1, Some(queue)) = (queues.len(), queues.values().next()) {
+            let mut body = view(queue.health.snapshot());
+            body["instance"] = json!(state.instance);
+            return body;
+        }
+        let by_queue: BTreeMap<&String, Value> = queues
+            .iter()
+            .map(|(name, queue)| (name, view(queue.health.snapshot())))
+            .collect();
+        json!({ "instance": state.instance, "queues": by_queue })
+    });
+    Json(body).into_response()
 }
 
 #[cfg(test)]
