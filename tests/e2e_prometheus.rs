@@ -1,8 +1,9 @@
 //! End to end: the real `prometheus` binary, with `dashboards/alerts.yml` loaded and a 1 s scrape
 //! and evaluation interval, scraping real `steward run` processes. Checks that a lock on the jobs
 //! table fires StewardPromotionBacklog and that it resolves after the release, and that a leader
-//! restarted over and over fires StewardLeaderCrashLoop. Prints when each alert fired and
-//! resolved (the figures the alerts' comments promise).
+//! restarted over and over fires StewardLeaderCrashLoop, and that StewardNoLeader is judged per
+//! queue (schema). Prints when each alert fired and resolved (the figures the alerts' comments
+//! promise).
 //!
 //! Skipped with a message where no `prometheus` is installed, except under CI (`CI` set), where
 //! `.ci/run` installs it and a missing binary is a failure.
@@ -127,6 +128,25 @@ impl Prometheus {
                 .find(|a| a["labels"]["alertname"] == name)
                 .and_then(|a| a["state"].as_str().map(str::to_owned))
         })
+    }
+
+    /// The `schema` label of each active alert `name` (empty for an alert without one).
+    fn alert_schemas(&self, name: &str) -> Vec<String> {
+        let (status, body) = self.get("/api/v1/alerts");
+        assert_eq!(status, 200, "alerts: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["data"]["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["labels"]["alertname"] == name)
+            .map(|a| {
+                a["labels"]["schema"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
     }
 
     /// Polls `condition` until it holds, listing the active alerts if it does not within
@@ -280,5 +300,57 @@ fn a_leader_restarted_over_and_over_fires_the_crash_loop_alert() {
         "terms {epochs:?} in {:.1} s; StewardLeaderCrashLoop fired {:.1} s after the last kill",
         restarts_took.as_secs_f64(),
         fired.as_secs_f64()
+    );
+}
+
+/// StewardNoLeader is judged per queue: two processes in one scrape job serve two schemas of one
+/// database; one leads `steward`, the other stands aside for `tenant_b` (its schema is newer
+/// than the binary, so it exports steward_leader 0 and never leads). The alert becomes active
+/// for tenant_b alone, although the job has a leader. It is checked while pending (its `for` is
+/// a minute): pending is where a wrong, job-wide expression would already differ.
+#[test]
+fn a_schema_without_a_leader_is_alerted_while_another_schema_has_one() {
+    let Some(binary) = prometheus_binary() else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    let (code, _, stderr) = steward(&url, &["migrate", "--schema", "tenant_b"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    runtime.block_on(async {
+        db.client()
+            .await
+            .batch_execute(
+                "INSERT INTO tenant_b.schema_history (version, name, applied_on, checksum)
+                 VALUES (99, 'from_the_future', now()::text, '0')",
+            )
+            .await
+            .unwrap()
+    });
+    let leader = Steward::spawn(&url, &[]);
+    leader.wait_for("leadership acquired", Duration::from_secs(30));
+    let aside = Steward::spawn(&url, &["--schema", "tenant_b"]);
+    aside.wait_for(
+        "this steward is older than the schema: not standing for election until it is upgraded",
+        Duration::from_secs(30),
+    );
+    let prometheus = Prometheus::start(&binary, &[leader.http_addr(), aside.http_addr()]);
+    prometheus.wait_until(
+        "both schemas scraped, steward led and tenant_b not",
+        Duration::from_secs(30),
+        |p| {
+            p.query("steward_leader{job=\"steward\", schema=\"steward\"} == 1")
+                .len()
+                == 1
+                && p.query("steward_leader{job=\"steward\", schema=\"tenant_b\"} == 0")
+                    .len()
+                    == 1
+        },
+    );
+    prometheus.wait_until(
+        "StewardNoLeader active for tenant_b alone",
+        Duration::from_secs(30),
+        |p| p.alert_schemas("StewardNoLeader") == ["tenant_b"],
     );
 }

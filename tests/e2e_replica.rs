@@ -84,7 +84,9 @@ fn on_a_hot_standby_steward_waits_on_one_session_and_leads_once_it_is_promoted()
     assert!(body.contains("refuses writes"), "{body}");
     let (_, metrics) = steward_on_replica.get("/metrics");
     assert!(
-        metrics.lines().any(|l| l == "steward_server_read_only 1"),
+        metrics
+            .lines()
+            .any(|l| l == r#"steward_server_read_only{schema="steward"} 1"#),
         "{metrics}"
     );
     let (code, out, err) = steward(replica.url(), &["status"]);

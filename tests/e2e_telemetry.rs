@@ -124,7 +124,8 @@ fn missing_metrics(exposition: &str) -> Vec<&'static str> {
 
 /// Where an exposition disagrees with `names::ALL`: a Steward sample that is not listed, a
 /// `# TYPE` other than the listed kind, a series whose label names are not exactly its
-/// metric's (with `le` on histogram buckets).
+/// metric's (after `schema`, the one queue's label: a process serving one queue names no
+/// database; with `le` on histogram buckets).
 fn scrape_problems(exposition: &str) -> BTreeSet<String> {
     let mut problems = BTreeSet::new();
     for line in exposition.lines() {
@@ -146,7 +147,11 @@ fn scrape_problems(exposition: &str) -> BTreeSet<String> {
             }
             continue;
         };
-        let mut expected: BTreeSet<String> = metric.labels.iter().map(|l| l.to_string()).collect();
+        let mut expected: BTreeSet<String> = metric
+            .series_labels(false)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         if suffix == "_bucket" {
             expected.insert("le".to_owned());
         }
@@ -190,6 +195,8 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
     let db = runtime.block_on(TestDb::new());
     runtime.block_on(seed(&db));
     let steward = Steward::spawn(&db.url(), FAST);
+    // Every series starts with the queue's label: its schema.
+    let schema = format!("schema=\"{}\"", db.schema());
     let acquired = steward.wait_for("leadership acquired", Duration::from_secs(30));
     let instance = acquired
         .field("instance")
@@ -205,7 +212,7 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
             .collect();
         for reason in ["heartbeat", "deadline", "callback"] {
             if !body.contains(&format!(
-                "steward_rescued_jobs_total{{reason=\"{reason}\"}} 1"
+                "steward_rescued_jobs_total{{{schema},reason=\"{reason}\"}} 1"
             )) {
                 missing.push(format!("a {reason} rescue"));
             }
@@ -235,19 +242,23 @@ fn a_leader_exports_every_metric_and_answers_health_checks() {
     );
     let last = last.into_inner();
     assert!(
-        last.contains(&format!("steward_leader{{instance=\"{instance}\"}} 1")),
+        last.contains(&format!(
+            "steward_leader{{{schema},instance=\"{instance}\"}} 1"
+        )),
         "{last}"
     );
     assert!(
         last.contains(&format!(
-            "steward_leader_epoch{{instance=\"{instance}\"}} 1"
+            "steward_leader_epoch{{{schema},instance=\"{instance}\"}} 1"
         )),
         "{last}"
     );
     assert!(last.contains("mode=\"split\""), "{last}");
     // Millisecond buckets for start delay and promotion lag.
     assert!(
-        last.contains("steward_promotion_lag_seconds_bucket{le=\"0.001\"}"),
+        last.contains(&format!(
+            "steward_promotion_lag_seconds_bucket{{{schema},le=\"0.001\"}}"
+        )),
         "{last}"
     );
 

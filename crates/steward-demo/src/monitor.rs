@@ -382,14 +382,14 @@ mod tests {
 
     const SCRAPE: &str = "\
 # TYPE steward_promotion_lag_seconds histogram
-steward_promotion_lag_seconds_bucket{le=\"0.001\"} 10
-steward_promotion_lag_seconds_bucket{le=\"0.002\"} 50
-steward_promotion_lag_seconds_bucket{le=\"0.005\"} 90
-steward_promotion_lag_seconds_bucket{le=\"0.01\"} 100
-steward_promotion_lag_seconds_bucket{le=\"+Inf\"} 100
-steward_promotion_lag_seconds_sum 0.2
-steward_promotion_lag_seconds_count 100
-steward_maintenance_branch_duration_seconds_bucket{branch=\"x\",le=\"0.001\"} 7
+steward_promotion_lag_seconds_bucket{schema=\"steward\",le=\"0.001\"} 10
+steward_promotion_lag_seconds_bucket{schema=\"steward\",le=\"0.002\"} 50
+steward_promotion_lag_seconds_bucket{schema=\"steward\",le=\"0.005\"} 90
+steward_promotion_lag_seconds_bucket{schema=\"steward\",le=\"0.01\"} 100
+steward_promotion_lag_seconds_bucket{schema=\"steward\",le=\"+Inf\"} 100
+steward_promotion_lag_seconds_sum{schema=\"steward\"} 0.2
+steward_promotion_lag_seconds_count{schema=\"steward\"} 100
+steward_maintenance_branch_duration_seconds_bucket{schema=\"steward\",branch=\"x\",le=\"0.001\"} 7
 ";
 
     #[test]

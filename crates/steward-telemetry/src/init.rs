@@ -126,11 +126,11 @@ fn describe() {
     );
     metrics::describe_gauge!(
         LEADER,
-        "1 while this instance leads; label instance is the Steward instance name"
+        "1 while this instance leads the queue (labels schema, database); label instance is the Steward instance name"
     );
     metrics::describe_gauge!(
         LEADER_EPOCH,
-        "Epoch of this instance's current or last term; label instance is the Steward instance name"
+        "Epoch of this instance's current or last term of the queue; label instance is the Steward instance name"
     );
     metrics::describe_counter!(
         LEADER_TRANSITIONS,

@@ -7,6 +7,6 @@ mod init;
 pub mod names;
 mod observer;
 
-pub use http::{serve, HttpState};
+pub use http::{serve, HttpState, ServedQueues};
 pub use init::{LogFormat, Telemetry, TelemetryError};
-pub use observer::MetricsObserver;
+pub use observer::{MetricsObserver, QueueLabels};

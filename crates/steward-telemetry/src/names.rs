@@ -2,6 +2,17 @@
 //! the one list the dashboards, the alert rules (tests/assets.rs) and a live leader's scrape
 //! (tests/e2e_telemetry.rs) are checked against, so a metric or label added or renamed here
 //! must be added or renamed there too.
+//!
+//! Every metric is per queue (a database and a schema): its series carry [`SCHEMA_LABEL`] and,
+//! when the process serves queues of more than one database, [`DATABASE_LABEL`], before the
+//! labels listed for it. One process can serve many queues (ADR 0003), and these labels keep
+//! their series apart.
+
+/// The queue's schema; on every series of a per-queue metric.
+pub const SCHEMA_LABEL: &str = "schema";
+/// The queue's database; on every series of a per-queue metric when the process serves queues
+/// of more than one database, absent otherwise.
+pub const DATABASE_LABEL: &str = "database";
 
 pub const BRANCH_DURATION: &str = "steward_maintenance_branch_duration_seconds";
 pub const BRANCH_START_DELAY: &str = "steward_maintenance_branch_start_delay_seconds";
@@ -78,11 +89,35 @@ impl Kind {
 pub struct Metric {
     pub name: &'static str,
     pub kind: Kind,
+    /// The metric's own labels, after the queue's labels when it is [`per_queue`](Self::per_queue).
     pub labels: &'static [&'static str],
+    /// Whether its series carry the queue's labels: `schema`, and `database` when the process
+    /// serves several databases.
+    pub per_queue: bool,
 }
 
+impl Metric {
+    /// The label names of a series of this metric, in order: the queue's (`database` only when
+    /// `with_database`), then its own.
+    pub fn series_labels(&self, with_database: bool) -> Vec<&'static str> {
+        let queue: &[&'static str] = match (self.per_queue, with_database) {
+            (false, _) => &[],
+            (true, false) => &[SCHEMA_LABEL],
+            (true, true) => &[SCHEMA_LABEL, DATABASE_LABEL],
+        };
+        queue.iter().chain(self.labels).copied().collect()
+    }
+}
+
+/// A per-queue metric (every metric so far: ADR 0003's per-process fleet metrics will be the
+/// first that are not).
 const fn metric(name: &'static str, kind: Kind, labels: &'static [&'static str]) -> Metric {
-    Metric { name, kind, labels }
+    Metric {
+        name,
+        kind,
+        labels,
+        per_queue: true,
+    }
 }
 
 /// The labels of every per-branch metric. `class` is the branch's class (`slo` or `hygiene`)

@@ -35,17 +35,57 @@ impl<K: Eq + Hash, V: Clone> Cache<K, V> {
     }
 }
 
-fn labels(pairs: &[(&'static str, String)]) -> Vec<Label> {
-    pairs
+/// The labels of a series: the queue's first, then the metric's own.
+fn labels(queue: &[(&'static str, String)], pairs: &[(&'static str, String)]) -> Vec<Label> {
+    queue
         .iter()
+        .chain(pairs)
         .map(|(k, v)| Label::new(*k, v.clone()))
         .collect()
 }
 
+/// The queue a [`MetricsObserver`] reports for, as labels. Every series it emits carries them
+/// first, so that the series of the queues one process serves never share a label set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueLabels {
+    /// The queue's schema, the `schema` label (always present).
+    pub schema: String,
+    /// The queue's database, the `database` label: set only when the process serves queues of
+    /// more than one database, and then for every queue, so that one database's schemas do not
+    /// collide with another's.
+    pub database: Option<String>,
+}
+
+impl QueueLabels {
+    /// The queue's name, as the HTTP endpoints and the logs show it: `<database>/<schema>`, or
+    /// just `<schema>` without a database (ADR 0003, "Queues").
+    pub fn name(&self) -> String {
+        match &self.database {
+            Some(database) => format!("{database}/{}", self.schema),
+            None => self.schema.clone(),
+        }
+    }
+
+    /// The label pairs, `schema` first, then `database` when given.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = vec![(SCHEMA_LABEL, self.schema.clone())];
+        if let Some(database) = &self.database {
+            pairs.push((DATABASE_LABEL, database.clone()));
+        }
+        pairs
+    }
+}
+
+/// Turns one queue's reports into instruments. A process serving several queues creates one
+/// per queue, all recording into the same global recorder: the queue's labels keep them apart.
 pub struct MetricsObserver {
     /// This candidate's instance name (host-pid-random), the `instance` label of
     /// `steward_leader` and `steward_leader_epoch`.
     instance: String,
+    /// The queue's labels, put before the others on every series.
+    queue: Vec<(&'static str, String)>,
+    /// Handles by metric name and the values of the metric's own labels: the queue's labels are
+    /// the same for every handle of one observer, so they are not part of the key.
     histograms: Cache<(&'static str, Vec<String>), Histogram>,
     counters: Cache<(&'static str, Vec<String>), Counter>,
     gauges: Cache<(&'static str, Vec<String>), Gauge>,
@@ -56,9 +96,10 @@ pub struct MetricsObserver {
 }
 
 impl MetricsObserver {
-    pub fn new(instance: impl Into<String>) -> Self {
+    pub fn new(instance: impl Into<String>, queue: QueueLabels) -> Self {
         Self {
             instance: instance.into(),
+            queue: queue.pairs(),
             histograms: Cache::new(),
             counters: Cache::new(),
             gauges: Cache::new(),
@@ -76,20 +117,21 @@ impl MetricsObserver {
 
     fn histogram(&self, name: &'static str, pairs: &[(&'static str, String)]) -> Histogram {
         let key = (name, pairs.iter().map(|(_, v)| v.clone()).collect());
-        self.histograms
-            .get(key, || metrics::histogram!(name, labels(pairs)))
+        self.histograms.get(key, || {
+            metrics::histogram!(name, labels(&self.queue, pairs))
+        })
     }
 
     fn counter(&self, name: &'static str, pairs: &[(&'static str, String)]) -> Counter {
         let key = (name, pairs.iter().map(|(_, v)| v.clone()).collect());
         self.counters
-            .get(key, || metrics::counter!(name, labels(pairs)))
+            .get(key, || metrics::counter!(name, labels(&self.queue, pairs)))
     }
 
     fn gauge(&self, name: &'static str, pairs: &[(&'static str, String)]) -> Gauge {
         let key = (name, pairs.iter().map(|(_, v)| v.clone()).collect());
         self.gauges
-            .get(key, || metrics::gauge!(name, labels(pairs)))
+            .get(key, || metrics::gauge!(name, labels(&self.queue, pairs)))
     }
 
     /// Creates the series an operator expects to see before anything happened (leader state,
@@ -405,6 +447,14 @@ mod tests {
         }
     }
 
+    /// The labels of the default queue: schema `steward`, no database.
+    fn steward() -> QueueLabels {
+        QueueLabels {
+            schema: "steward".into(),
+            database: None,
+        }
+    }
+
     /// The value of the sample `series` (name and labels as rendered) in an exposition.
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
@@ -451,7 +501,7 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            let observer = MetricsObserver::new("host-1-00aa");
+            let observer = MetricsObserver::new("host-1-00aa", steward());
             let first = [Observation::TableHealth(health_report(&[
                 ("jobs_pkey", true),
                 ("jobs_pkey_ccnew", false),
@@ -459,32 +509,44 @@ mod tests {
             observer.branch_run(&health_run(&first));
             let text = handle.render();
             for (series, value) in [
-                (r#"steward_table_live_tuples{table="jobs"}"#, 10.0),
-                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
-                (r#"steward_table_bytes{table="jobs"}"#, 81920.0),
-                (r#"steward_table_bloat_bytes{table="jobs"}"#, 0.0),
                 (
-                    r#"steward_table_last_vacuum_timestamp_seconds{table="jobs"}"#,
+                    r#"steward_table_live_tuples{schema="steward",table="jobs"}"#,
+                    10.0,
+                ),
+                (
+                    r#"steward_table_dead_tuples{schema="steward",table="jobs"}"#,
+                    4.0,
+                ),
+                (
+                    r#"steward_table_bytes{schema="steward",table="jobs"}"#,
+                    81920.0,
+                ),
+                (
+                    r#"steward_table_bloat_bytes{schema="steward",table="jobs"}"#,
+                    0.0,
+                ),
+                (
+                    r#"steward_table_last_vacuum_timestamp_seconds{schema="steward",table="jobs"}"#,
                     1_700_000_000.5,
                 ),
                 (
-                    r#"steward_table_last_analyze_timestamp_seconds{table="jobs"}"#,
+                    r#"steward_table_last_analyze_timestamp_seconds{schema="steward",table="jobs"}"#,
                     0.0,
                 ),
                 (
-                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    r#"steward_index_bytes{schema="steward",table="jobs",index="jobs_pkey"}"#,
                     16384.0,
                 ),
                 (
-                    r#"steward_index_bloat_bytes{table="jobs",index="jobs_pkey"}"#,
+                    r#"steward_index_bloat_bytes{schema="steward",table="jobs",index="jobs_pkey"}"#,
                     8192.0,
                 ),
                 (
-                    r#"steward_index_invalid{table="jobs",index="jobs_pkey"}"#,
+                    r#"steward_index_invalid{schema="steward",table="jobs",index="jobs_pkey"}"#,
                     0.0,
                 ),
                 (
-                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    r#"steward_index_invalid{schema="steward",table="jobs",index="jobs_pkey_ccnew"}"#,
                     1.0,
                 ),
             ] {
@@ -500,33 +562,36 @@ mod tests {
             let text = handle.render();
             for (series, value) in [
                 (
-                    r#"steward_index_invalid{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    r#"steward_index_invalid{schema="steward",table="jobs",index="jobs_pkey_ccnew"}"#,
                     0.0,
                 ),
                 (
-                    r#"steward_index_bytes{table="jobs",index="jobs_pkey_ccnew"}"#,
+                    r#"steward_index_bytes{schema="steward",table="jobs",index="jobs_pkey_ccnew"}"#,
                     0.0,
                 ),
                 (
-                    r#"steward_index_bytes{table="jobs",index="jobs_pkey"}"#,
+                    r#"steward_index_bytes{schema="steward",table="jobs",index="jobs_pkey"}"#,
                     16384.0,
                 ),
-                (r#"steward_table_dead_tuples{table="jobs"}"#, 4.0),
+                (
+                    r#"steward_table_dead_tuples{schema="steward",table="jobs"}"#,
+                    4.0,
+                ),
             ] {
                 assert_eq!(sample(&text, series), Some(value), "{series} in {text}");
             }
         });
     }
 
-    const DELAYED: &str = r#"steward_maintenance_branch_delayed{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
-    const OVERRUNS: &str = r#"steward_maintenance_branch_overrun_total{branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
+    const DELAYED: &str = r#"steward_maintenance_branch_delayed{schema="steward",branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
+    const OVERRUNS: &str = r#"steward_maintenance_branch_overrun_total{schema="steward",branch="promote_scheduled",class="slo",loop="promote_scheduled"}"#;
 
     #[test]
     fn delayed_follows_the_trackers_state_while_the_term_lasts() {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            let observer = MetricsObserver::new("host-1-00aa");
+            let observer = MetricsObserver::new("host-1-00aa", steward());
             let promoter =
                 steward_branches::promote_scheduled::PromoteScheduled::new(Default::default());
             observer.register_initial(&LoopPlan::new(
@@ -536,7 +601,10 @@ mod tests {
             let text = handle.render();
             assert_eq!(sample(&text, DELAYED), Some(0.0), "{text}");
             assert_eq!(
-                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                sample(
+                    &text,
+                    r#"steward_leader{schema="steward",instance="host-1-00aa"}"#
+                ),
                 Some(0.0),
                 "{text}"
             );
@@ -547,12 +615,18 @@ mod tests {
             assert_eq!(sample(&text, DELAYED), Some(1.0), "{text}");
             assert_eq!(sample(&text, OVERRUNS), Some(1.0), "{text}");
             assert_eq!(
-                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                sample(
+                    &text,
+                    r#"steward_leader{schema="steward",instance="host-1-00aa"}"#
+                ),
                 Some(1.0),
                 "{text}"
             );
             assert_eq!(
-                sample(&text, r#"steward_leader_epoch{instance="host-1-00aa"}"#),
+                sample(
+                    &text,
+                    r#"steward_leader_epoch{schema="steward",instance="host-1-00aa"}"#
+                ),
                 Some(3.0),
                 "{text}"
             );
@@ -581,10 +655,96 @@ mod tests {
             assert_eq!(sample(&text, DELAYED), Some(0.0), "{text}");
             assert_eq!(sample(&text, OVERRUNS), Some(2.0), "{text}");
             assert_eq!(
-                sample(&text, r#"steward_leader{instance="host-1-00aa"}"#),
+                sample(
+                    &text,
+                    r#"steward_leader{schema="steward",instance="host-1-00aa"}"#
+                ),
                 Some(0.0),
                 "{text}"
             );
+        });
+    }
+
+    /// One process serving several queues creates an observer per queue, all into one recorder:
+    /// each queue gets series of its own, and `database` appears only where it was given.
+    #[test]
+    fn observers_of_different_queues_keep_their_series_apart() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let queue = |schema: &str, database: Option<&str>| QueueLabels {
+                schema: schema.into(),
+                database: database.map(str::to_owned),
+            };
+            let a = MetricsObserver::new("host-1-00aa", queue("tenant_a", None));
+            let b = MetricsObserver::new("host-1-00aa", queue("tenant_b", None));
+            // The same schema in another database.
+            let c = MetricsObserver::new("host-1-00aa", queue("tenant_a", Some("other")));
+            let promoter =
+                steward_branches::promote_scheduled::PromoteScheduled::new(Default::default());
+            let plan = LoopPlan::new(LoopMode::Split, &[std::sync::Arc::new(promoter)]);
+            for observer in [&a, &b, &c] {
+                observer.register_initial(&plan);
+            }
+            a.leadership(&LeadershipEvent::Acquired { epoch: 3 });
+            a.branch_run(&run(3, OverrunState::Delayed, Transition::BecameDelayed));
+            b.leadership(&LeadershipEvent::Acquired { epoch: 5 });
+
+            let text = handle.render();
+            let leader =
+                |queue: &str| format!(r#"steward_leader{{{queue},instance="host-1-00aa"}}"#);
+            let epoch =
+                |queue: &str| format!(r#"steward_leader_epoch{{{queue},instance="host-1-00aa"}}"#);
+            let delayed = |queue: &str| {
+                format!(
+                    r#"steward_maintenance_branch_delayed{{{queue},branch="promote_scheduled",class="slo",loop="promote_scheduled"}}"#
+                )
+            };
+            const A: &str = r#"schema="tenant_a""#;
+            const B: &str = r#"schema="tenant_b""#;
+            const C: &str = r#"schema="tenant_a",database="other""#;
+            for (series, value) in [
+                (leader(A), 1.0),
+                (leader(B), 1.0),
+                (leader(C), 0.0),
+                (epoch(A), 3.0),
+                (epoch(B), 5.0),
+                (epoch(C), 0.0),
+                (delayed(A), 1.0),
+                (delayed(B), 0.0),
+                (delayed(C), 0.0),
+            ] {
+                assert_eq!(sample(&text, &series), Some(value), "{series} in {text}");
+            }
+            // Every sample carries the queue's labels first; only c's name a database.
+            for line in text.lines().filter(|l| l.starts_with("steward_")) {
+                let labels = line.split_once('{').map_or("", |(_, rest)| rest);
+                assert!(
+                    labels.starts_with(A) || labels.starts_with(B),
+                    "{line} does not start with the queue's labels"
+                );
+                assert_eq!(
+                    labels.contains("database="),
+                    labels.starts_with(C),
+                    "{line}"
+                );
+            }
+
+            // a's term ends: only a's gauges drop.
+            a.leadership(&LeadershipEvent::Lost {
+                epoch: 3,
+                reason: "test".into(),
+            });
+            b.branch_run(&run(5, OverrunState::Delayed, Transition::BecameDelayed));
+            let text = handle.render();
+            for (series, value) in [
+                (leader(A), 0.0),
+                (leader(B), 1.0),
+                (delayed(A), 0.0),
+                (delayed(B), 1.0),
+            ] {
+                assert_eq!(sample(&text, &series), Some(value), "{series} in {text}");
+            }
         });
     }
 }

@@ -1,8 +1,9 @@
 //! The Grafana dashboard and the alert rules in dashboards/, checked against the metric list in
 //! `steward_telemetry::names::ALL`: every Steward metric and label they use is listed, every
 //! alert has promtool unit tests, every Grafana variable is defined, and (with promtool on PATH)
-//! every dashboard expression parses. A live scrape is checked against the same list in
-//! tests/e2e_telemetry.rs, so a panel or rule cannot select a series Steward does not export.
+//! every dashboard expression parses, and every alert is evaluated per queue. A live scrape is
+//! checked against the same list in tests/e2e_telemetry.rs, so a panel or rule cannot select a
+//! series Steward does not export.
 
 use regex::Regex;
 use serde_json::Value;
@@ -59,11 +60,12 @@ fn unknown(name: &str) -> String {
     }
 }
 
-/// The label names a stored series of `metric` can have: its own, the target's `job` and
-/// `instance` (Prometheus keeps a clashing `instance` of the metric's as `exported_instance`),
-/// and `le` on a histogram's buckets.
+/// The label names a stored series of `metric` can have: its own and the queue's (`schema`, and
+/// `database` where several databases are served), the target's `job` and `instance`
+/// (Prometheus keeps a clashing `instance` of the metric's as `exported_instance`), and `le` on
+/// a histogram's buckets.
 fn labels_of(metric: &Metric, bucket: bool) -> BTreeSet<&'static str> {
-    let mut labels: BTreeSet<&str> = metric.labels.iter().copied().collect();
+    let mut labels: BTreeSet<&str> = metric.series_labels(true).into_iter().collect();
     labels.extend(["job", "instance"]);
     if metric.labels.contains(&"instance") {
         labels.insert("exported_instance");
@@ -120,6 +122,51 @@ fn group_around(expr: &str, at: usize) -> &str {
     }
 }
 
+/// A grouping or matching clause (`by`, `without`, `on`, `ignoring`, `group_left`,
+/// `group_right`) of an expression whose string literals are blanked.
+struct Clause<'a> {
+    whole: &'a str,
+    keyword: &'a str,
+    labels: Vec<&'a str>,
+    /// The aggregation's argument for `by`/`without (...) (arg)`, else the innermost
+    /// parenthesised group around the clause.
+    scope: &'a str,
+}
+
+fn clauses(code: &str) -> Vec<Clause<'_>> {
+    CLAUSE
+        .captures_iter(code)
+        .map(|clause| {
+            let whole = clause.get(0).expect("match");
+            let keyword = clause.get(1).expect("group").as_str();
+            let argument = code[whole.end()..]
+                .find(|c: char| !c.is_whitespace())
+                .map(|skip| whole.end() + skip)
+                .filter(|&at| code[at..].starts_with('('))
+                .filter(|_| matches!(keyword, "by" | "without"))
+                .and_then(|at| group_at(code, at));
+            let scope = match argument {
+                Some((start, end)) => &code[start..end],
+                None => group_around(code, whole.start()),
+            };
+            let labels = clause
+                .get(2)
+                .expect("group")
+                .as_str()
+                .split(',')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            Clause {
+                whole: whole.as_str(),
+                keyword,
+                labels,
+                scope,
+            }
+        })
+        .collect()
+}
+
 /// Problems with one PromQL expression: Steward metric names missing from `names::ALL`, label
 /// matchers naming a label their metric lacks, and grouping or matching clauses (`by`, `on`,
 /// `group_left`, ...) naming a label that no Steward metric in their scope has. A clause's
@@ -148,36 +195,21 @@ fn promql_problems(place: &str, expr: &str) -> Vec<String> {
             }
         }
     }
-    for clause in CLAUSE.captures_iter(&code) {
-        let (whole, keyword) = (clause.get(0).expect("match"), &clause[1]);
-        let argument = code[whole.end()..]
-            .find(|c: char| !c.is_whitespace())
-            .map(|skip| whole.end() + skip)
-            .filter(|&at| code[at..].starts_with('('))
-            .filter(|_| matches!(keyword, "by" | "without"))
-            .and_then(|at| group_at(&code, at));
-        let scope = match argument {
-            Some((start, end)) => &code[start..end],
-            None => group_around(&code, whole.start()),
-        };
+    for clause in clauses(&code) {
         let allowed: BTreeSet<&str> = STEWARD_NAME
-            .find_iter(scope)
+            .find_iter(clause.scope)
             .filter_map(|name| series(name.as_str()))
             .flat_map(|(metric, bucket)| labels_of(metric, bucket))
             .collect();
         if allowed.is_empty() {
             continue;
         }
-        for label in clause[2]
-            .split(',')
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-        {
+        for label in &clause.labels {
             if !allowed.contains(label) {
                 problems.push(format!(
                     "{place}: `{}` names {label}, which no Steward metric in its scope has \
                      ({allowed:?})",
-                    whole.as_str()
+                    clause.whole
                 ));
             }
         }
@@ -320,6 +352,51 @@ fn the_dashboard_uses_only_listed_metrics_and_labels() {
     assert_none("dashboards/steward.json", problems);
 }
 
+/// Selectors of per-queue metrics that do not filter by the dashboard's queue variables: a panel
+/// would mix the queues the viewer did not select into the ones they did.
+fn unfiltered_selectors(place: &str, expr: &str) -> Vec<String> {
+    let code = STRING.replace_all(expr, |c: &regex::Captures| {
+        // The variables' matchers stay readable; other strings are blanked as elsewhere.
+        match &c[0] {
+            r#""$schema""# | r#""$database""# => c[0].to_owned(),
+            _ => "\"\"".to_owned(),
+        }
+    });
+    SELECTOR
+        .captures_iter(&code)
+        .filter(|selector| series(&selector[1]).is_some_and(|(metric, _)| metric.per_queue))
+        .filter(|selector| {
+            !(selector[2].contains(r#"schema=~"$schema""#)
+                && selector[2].contains(r#"database=~"$database""#))
+        })
+        .map(|selector| {
+            format!(
+                "{place}: {} does not filter by schema=~\"$schema\" and database=~\"$database\"",
+                &selector[0]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_dashboard_query_filters_by_the_selected_queues() {
+    let dashboard = dashboard();
+    let problems = dashboard_expressions(&dashboard)
+        .iter()
+        // The queue variables themselves list what there is to select from.
+        .filter(|(place, _)| {
+            !["variable \"schema\"", "variable \"database\""].contains(&place.as_str())
+        })
+        .flat_map(|(place, expr)| unfiltered_selectors(place, expr))
+        .collect();
+    assert_none("dashboards/steward.json", problems);
+    let queue_variables: Vec<&str> = variables(&dashboard)
+        .filter_map(|v| v["name"].as_str())
+        .filter(|name| [names::SCHEMA_LABEL, names::DATABASE_LABEL].contains(name))
+        .collect();
+    assert_eq!(queue_variables, ["schema", "database"]);
+}
+
 #[test]
 fn the_dashboard_defines_every_variable_it_uses() {
     assert_none("dashboards/steward.json", undefined_variables(&dashboard()));
@@ -392,6 +469,85 @@ fn the_alert_rules_use_only_listed_metrics_and_labels() {
     let problems = rules
         .iter()
         .flat_map(|(name, expr)| promql_problems(&format!("rule {name}"), expr))
+        .collect();
+    assert_none("dashboards/alerts.yml", problems);
+}
+
+/// Rules that may aggregate over a queue label, and the label: a read-only server refuses writes
+/// for every schema in it, so StewardServerReadOnly is one alert per instance and database.
+const ACROSS_QUEUES: &[(&str, &str)] = &[("StewardServerReadOnly", names::SCHEMA_LABEL)];
+
+static AGGREGATION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"\b(sum|min|max|avg|group|stddev|stdvar|count|count_values|bottomk|topk|quantile)\s*\(",
+    )
+    .unwrap()
+});
+
+/// Where an expression over per-queue metrics mixes queues: an aggregation without `by`, or a
+/// `by`/`on` clause without `schema` and `database` (`on ()` aside, which matches anything),
+/// or a `without`/`ignoring` clause that drops them. `across` are the labels this rule may drop.
+fn per_queue_problems(place: &str, expr: &str, across: &[&str]) -> Vec<String> {
+    let code = STRING.replace_all(expr, "\"\"");
+    let per_queue = |scope: &str| {
+        STEWARD_NAME
+            .find_iter(scope)
+            .filter_map(|name| series(name.as_str()))
+            .any(|(metric, _)| metric.per_queue)
+    };
+    let queue_labels = [names::SCHEMA_LABEL, names::DATABASE_LABEL];
+    let mut problems = Vec::new();
+    for clause in clauses(&code) {
+        if !per_queue(clause.scope) {
+            continue;
+        }
+        let missing: Vec<&str> = match clause.keyword {
+            "by" | "on" if clause.keyword == "on" && clause.labels.is_empty() => Vec::new(),
+            "by" | "on" => queue_labels
+                .into_iter()
+                .filter(|l| !clause.labels.contains(l) && !across.contains(l))
+                .collect(),
+            "without" | "ignoring" => queue_labels
+                .into_iter()
+                .filter(|l| clause.labels.contains(l) && !across.contains(l))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !missing.is_empty() {
+            problems.push(format!(
+                "{place}: `{}` mixes queues: it loses {missing:?}",
+                clause.whole
+            ));
+        }
+    }
+    for aggregation in AGGREGATION.find_iter(&code) {
+        let Some((start, end)) = group_at(&code, aggregation.end() - 1) else {
+            continue;
+        };
+        let after = code[end..].trim_start();
+        if per_queue(&code[start..end]) && !after.starts_with("by") && !after.starts_with("without")
+        {
+            problems.push(format!(
+                "{place}: `{}...)` aggregates every queue together: add by (..., schema, database)",
+                aggregation.as_str()
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn every_alert_is_evaluated_per_queue() {
+    let problems = rules(&yaml("alerts.yml"))
+        .iter()
+        .flat_map(|(name, expr)| {
+            let across: Vec<&str> = ACROSS_QUEUES
+                .iter()
+                .filter(|(rule, _)| rule == name)
+                .map(|(_, label)| *label)
+                .collect();
+            per_queue_problems(&format!("rule {name}"), expr, &across)
+        })
         .collect();
     assert_none("dashboards/alerts.yml", problems);
 }
@@ -482,6 +638,10 @@ fn the_alert_tests_input_series_carry_exactly_the_listed_labels() {
             .map(|c| c.get(1).expect("group").as_str())
             .collect();
         let mut expected = labels_of(metric, bucket);
+        // `database` is there only where a test serves queues of several databases.
+        if !has.contains(names::DATABASE_LABEL) {
+            expected.remove(names::DATABASE_LABEL);
+        }
         if labels.contains(r#"job="otel-collector""#) {
             expected.extend(COLLECTOR_LABELS);
         }
@@ -542,6 +702,28 @@ fn the_checks_catch_unknown_metrics_labels_variables_and_untested_alerts() {
     assert_eq!(
         undefined_variables(&dashboard),
         ["$jobb is used but not defined under templating"]
+    );
+
+    let mixed = per_queue_problems(
+        "bad",
+        r#"(max(steward_leader) or on () vector(0)) < 1
+           + max by (job, schema) (steward_promotion_backlog_age_seconds)
+           + (steward_index_invalid and on (job, instance, schema, database) steward_leader)
+           + sum without (schema) (steward_queue_jobs)"#,
+        &[],
+    )
+    .join("\n");
+    for expected in [
+        "`max(...)` aggregates every queue together",
+        r#"`by (job, schema)` mixes queues: it loses ["database"]"#,
+        r#"`without (schema)` mixes queues: it loses ["schema"]"#,
+    ] {
+        assert!(mixed.contains(expected), "{expected:?} not in:\n{mixed}");
+    }
+    assert!(!mixed.contains("on ()"), "{mixed}");
+    assert!(
+        !mixed.contains("on (job, instance, schema, database)"),
+        "{mixed}"
     );
 
     let alerts = serde_json::json!({"groups": [{"rules": [{"alert": "A"}, {"alert": "B"}]}]});

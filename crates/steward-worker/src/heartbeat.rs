@@ -40,10 +40,20 @@ pub(crate) struct Held {
 }
 
 /// The runs this worker holds.
-#[derive(Default)]
-pub(crate) struct Leases(Mutex<HashMap<Lease, Held>>);
+pub(crate) struct Leases {
+    held: Mutex<HashMap<Lease, Held>>,
+    /// The worker's schema, the `schema` label of the lease metrics.
+    schema: String,
+}
 
 impl Leases {
+    pub fn new(schema: String) -> Self {
+        Self {
+            held: Mutex::default(),
+            schema,
+        }
+    }
+
     /// Registers a run; it is renewed until the returned guard is dropped.
     pub fn register(
         self: &Arc<Self>,
@@ -52,11 +62,11 @@ impl Leases {
         crashed: Arc<std::sync::atomic::AtomicBool>,
     ) -> LeaseGuard {
         let count = {
-            let mut leases = lock(&self.0);
+            let mut leases = lock(&self.held);
             leases.insert(lease, Held { cancel, crashed });
             leases.len()
         };
-        metrics::gauge!(names::LEASES).set(count as f64);
+        metrics::gauge!(names::LEASES, names::SCHEMA => self.schema.clone()).set(count as f64);
         LeaseGuard {
             leases: self.clone(),
             lease,
@@ -64,25 +74,26 @@ impl Leases {
     }
 
     pub fn snapshot(&self) -> Vec<Lease> {
-        lock(&self.0).keys().copied().collect()
+        lock(&self.held).keys().copied().collect()
     }
 
     /// The database refused `lease`: cancel its job, which stops renewing it.
     fn lose(&self, lease: Lease) {
-        if let Some(Held { cancel, .. }) = lock(&self.0).remove(&lease) {
+        if let Some(Held { cancel, .. }) = lock(&self.held).remove(&lease) {
             tracing::warn!(
                 job_id = lease.job_id,
                 run_lease = lease.run_lease,
                 "the run's lease was lost (rescued, cancelled or claimed again); cancelling the job"
             );
-            metrics::counter!(names::LEASES_LOST).increment(1);
+            metrics::counter!(names::LEASES_LOST, names::SCHEMA => self.schema.clone())
+                .increment(1);
             cancel.cancel();
         }
     }
 
     /// Cancels every job (the worker can no longer vouch for them).
     pub fn cancel_all(&self) -> usize {
-        let leases = lock(&self.0);
+        let leases = lock(&self.held);
         leases.values().for_each(|held| held.cancel.cancel());
         leases.len()
     }
@@ -90,7 +101,7 @@ impl Leases {
     /// Crashes every run held now (fault injection): see `JobContext::crash`.
     #[cfg(feature = "fault-injection")]
     pub fn crash_all(&self) -> Vec<Lease> {
-        let leases = lock(&self.0);
+        let leases = lock(&self.held);
         for held in leases.values() {
             held.crashed
                 .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -100,7 +111,7 @@ impl Leases {
     }
 
     fn len(&self) -> usize {
-        lock(&self.0).len()
+        lock(&self.held).len()
     }
 }
 
@@ -113,11 +124,12 @@ pub(crate) struct LeaseGuard {
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         let count = {
-            let mut leases = lock(&self.leases.0);
+            let mut leases = lock(&self.leases.held);
             leases.remove(&self.lease);
             leases.len()
         };
-        metrics::gauge!(names::LEASES).set(count as f64);
+        metrics::gauge!(names::LEASES, names::SCHEMA => self.leases.schema.clone())
+            .set(count as f64);
     }
 }
 
@@ -232,6 +244,11 @@ impl Heartbeats {
         self.paused.subscribe()
     }
 
+    /// The `schema` label of the heartbeat metrics: the schema of the worker's target.
+    fn schema(&self) -> String {
+        self.target.schema().to_string()
+    }
+
     fn is_current(&self, generation: u64) -> bool {
         self.generation.load(Ordering::SeqCst) == generation
     }
@@ -246,7 +263,7 @@ impl Heartbeats {
             .send_if_modified(|paused| std::mem::replace(paused, false))
         {
             tracing::info!("heartbeats succeed again: claims resume");
-            metrics::gauge!(names::CLAIMS_PAUSED).set(0.0);
+            metrics::gauge!(names::CLAIMS_PAUSED, names::SCHEMA => self.schema()).set(0.0);
         }
     }
 }
@@ -268,7 +285,8 @@ pub(crate) async fn supervise(heartbeats: Arc<Heartbeats>, stop: CancellationTok
             Err(e) => e.to_string(),
         };
         tracing::error!(%reason, generation, "the heartbeat loop stopped; restarting it");
-        metrics::counter!(names::TASK_RESTARTS, "task" => "heartbeat").increment(1);
+        metrics::counter!(names::TASK_RESTARTS, names::SCHEMA => heartbeats.schema(), "task" => "heartbeat")
+            .increment(1);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(restart_in) => {}
@@ -317,7 +335,8 @@ async fn run(heartbeats: Arc<Heartbeats>, generation: u64, stop: CancellationTok
         match failure {
             None => retry_in = heartbeats.timing.retry_min,
             Some(failure) => {
-                metrics::counter!(names::HEARTBEAT_ERRORS, "kind" => failure.kind()).increment(1);
+                metrics::counter!(names::HEARTBEAT_ERRORS, names::SCHEMA => heartbeats.schema(), "kind" => failure.kind())
+                    .increment(1);
                 tracing::warn!(error = %failure, retry_in = ?retry_in, leases = heartbeats.leases.len(), "heartbeat flush failed; retrying");
                 heartbeats.schedule.wake_at(Instant::now() + retry_in);
                 retry_in = (retry_in * 2).min(heartbeats.timing.interval);
@@ -383,7 +402,8 @@ async fn flush(
             return Err(Failure::Statement(message));
         }
     };
-    metrics::histogram!(names::HEARTBEAT_FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(names::HEARTBEAT_FLUSH_DURATION, names::SCHEMA => heartbeats.schema())
+        .record(started.elapsed().as_secs_f64());
     heartbeats.succeeded(generation);
     for lease in report.lost {
         heartbeats.leases.lose(lease);
@@ -412,7 +432,8 @@ pub(crate) async fn watchdog(heartbeats: Arc<Heartbeats>, stop: CancellationToke
             _ = tick.tick() => {}
         }
         let age = heartbeats.age();
-        metrics::gauge!(names::HEARTBEAT_AGE).set(age.as_secs_f64());
+        metrics::gauge!(names::HEARTBEAT_AGE, names::SCHEMA => heartbeats.schema())
+            .set(age.as_secs_f64());
         let staleness = heartbeats.timing.staleness;
         if age >= staleness / 2 {
             if heartbeats
@@ -420,7 +441,8 @@ pub(crate) async fn watchdog(heartbeats: Arc<Heartbeats>, stop: CancellationToke
                 .send_if_modified(|paused| !std::mem::replace(paused, true))
             {
                 tracing::error!(age = ?age, staleness = ?staleness, "no heartbeat has succeeded for half the staleness: claims stop until one does");
-                metrics::gauge!(names::CLAIMS_PAUSED).set(1.0);
+                metrics::gauge!(names::CLAIMS_PAUSED, names::SCHEMA => heartbeats.schema())
+                    .set(1.0);
             }
             heartbeats.schedule.wake_at(Instant::now());
         }
@@ -445,6 +467,41 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Workers of two schemas in one process (one recorder) count their leases apart.
+    #[test]
+    fn lease_gauges_of_workers_of_different_schemas_are_apart() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let a = Arc::new(Leases::new("tenant_a".into()));
+            let b = Arc::new(Leases::new("tenant_b".into()));
+            let lease = |job_id| Lease {
+                job_id,
+                run_lease: 1,
+            };
+            let register = |leases: &Arc<Leases>, job_id| {
+                leases.register(lease(job_id), CancellationToken::new(), Arc::default())
+            };
+            let _a1 = register(&a, 1);
+            let _b1 = register(&b, 2);
+            let b2 = register(&b, 3);
+            let text = handle.render();
+            for series in [
+                r#"steward_worker_leases{schema="tenant_a"} 1"#,
+                r#"steward_worker_leases{schema="tenant_b"} 2"#,
+            ] {
+                assert!(text.lines().any(|l| l == series), "{series} in {text}");
+            }
+            drop(b2);
+            let text = handle.render();
+            assert!(
+                text.lines()
+                    .any(|l| l == r#"steward_worker_leases{schema="tenant_b"} 1"#),
+                "{text}"
+            );
+        });
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_sooner_wake_replaces_a_later_timer_and_a_later_one_changes_nothing() {

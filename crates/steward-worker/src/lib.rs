@@ -272,11 +272,12 @@ impl WorkerBuilder {
                 "statement_timeout",
                 format!("{}ms", timing.flush_timeout.as_millis().max(1)),
             );
-        let leases = Arc::new(Leases::default());
+        let schema = self.target.schema().to_string();
+        let leases = Arc::new(Leases::new(schema.clone()));
         let heartbeats = Arc::new(Heartbeats::new(heartbeat_target, leases.clone(), timing));
         let stop = CancellationToken::new();
         let stop_claiming = CancellationToken::new();
-        let (writer, writer_task) = Writer::start(queue.clone(), stop.clone());
+        let (writer, writer_task) = Writer::start(queue.clone(), schema.clone(), stop.clone());
         // Claims take only the kinds this worker has a handler for.
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
@@ -291,26 +292,37 @@ impl WorkerBuilder {
             hard_stop: AtomicBool::new(false),
             claims: std::sync::atomic::AtomicU64::new(0),
             on_outcome: self.on_outcome,
+            schema: schema.clone(),
         });
         let mut tasks = vec![writer_task];
         tasks.push(tokio::spawn(heartbeat::supervise(
             heartbeats.clone(),
             stop.clone(),
         )));
-        tasks.push(tokio::spawn(keep_running("watchdog", stop.clone(), {
-            let (heartbeats, stop) = (heartbeats.clone(), stop.clone());
-            move || heartbeat::watchdog(heartbeats.clone(), stop.clone())
-        })));
+        tasks.push(tokio::spawn(keep_running(
+            "watchdog",
+            schema.clone(),
+            stop.clone(),
+            {
+                let (heartbeats, stop) = (heartbeats.clone(), stop.clone());
+                move || heartbeat::watchdog(heartbeats.clone(), stop.clone())
+            },
+        )));
         let wakes: HashMap<String, Arc<Notify>> = self
             .queues
             .iter()
             .map(|(q, _)| (q.clone(), Arc::new(Notify::new())))
             .collect();
-        tasks.push(tokio::spawn(keep_running("listener", stop.clone(), {
-            let target = self.target.named(&format!("steward-worker:{name}:listen"));
-            let (wakes, stop) = (wakes.clone(), stop.clone());
-            move || listen(target.clone(), wakes.clone(), stop.clone())
-        })));
+        tasks.push(tokio::spawn(keep_running(
+            "listener",
+            schema.clone(),
+            stop.clone(),
+            {
+                let target = self.target.named(&format!("steward-worker:{name}:listen"));
+                let (wakes, stop) = (wakes.clone(), stop.clone());
+                move || listen(target.clone(), wakes.clone(), stop.clone())
+            },
+        )));
         for (queue_name, concurrency) in &self.queues {
             let claimer = Claimer {
                 shared: shared.clone(),
@@ -324,6 +336,7 @@ impl WorkerBuilder {
             let claimer = Arc::new(claimer);
             tasks.push(tokio::spawn(keep_running(
                 "claimer",
+                schema.clone(),
                 stop_claiming.clone(),
                 move || claimer.clone().run(),
             )));
@@ -363,6 +376,8 @@ struct Shared {
     /// Claim statements that have returned, over all queues.
     claims: std::sync::atomic::AtomicU64,
     on_outcome: Option<OnOutcome>,
+    /// The schema of the worker's target, the `schema` label of every metric.
+    schema: String,
 }
 
 impl Worker {
@@ -470,8 +485,8 @@ impl Worker {
 }
 
 /// Runs `make()` until `stop`; a task that ends or panics while the worker runs is logged,
-/// counted and started again.
-async fn keep_running<F, Fut>(task: &'static str, stop: CancellationToken, make: F)
+/// counted (under the worker's `schema`) and started again.
+async fn keep_running<F, Fut>(task: &'static str, schema: String, stop: CancellationToken, make: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -488,7 +503,8 @@ where
             Err(e) => e.to_string(),
         };
         tracing::error!(task, %reason, "a worker task stopped; restarting it");
-        metrics::counter!(names::TASK_RESTARTS, "task" => task).increment(1);
+        metrics::counter!(names::TASK_RESTARTS, names::SCHEMA => schema.clone(), "task" => task)
+            .increment(1);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(restart_in) => {}
@@ -598,8 +614,12 @@ impl Claimer {
                     let now = Utc::now();
                     for job in jobs {
                         let lag = (now - job.run_at).to_std().unwrap_or_default();
-                        metrics::histogram!(names::PICKUP_LAG, "queue" => self.queue.clone())
-                            .record(lag.as_secs_f64());
+                        metrics::histogram!(
+                            names::PICKUP_LAG,
+                            names::SCHEMA => self.shared.schema.clone(),
+                            "queue" => self.queue.clone()
+                        )
+                        .record(lag.as_secs_f64());
                         // One permit per claimed job; the claim never returns more than asked.
                         if let Some(permit) = permits.pop() {
                             self.spawn(job, permit);
@@ -636,8 +656,13 @@ impl Claimer {
         self.shared.jobs.spawn(async move {
             let lease = job.lease;
             let outcome = run_job(&shared, job).await;
-            metrics::counter!(names::JOBS, "queue" => queue, "outcome" => outcome.as_str())
-                .increment(1);
+            metrics::counter!(
+                names::JOBS,
+                names::SCHEMA => shared.schema.clone(),
+                "queue" => queue,
+                "outcome" => outcome.as_str()
+            )
+            .increment(1);
             if let Some(observe) = &shared.on_outcome {
                 observe(lease, outcome);
             }
@@ -690,7 +715,7 @@ async fn run_job(shared: &Shared, job: Job) -> Outcome {
         _ = cancel.cancelled() => Ran::Cancelled,
         _ = sleep_or_forever(time_left) => Ran::Timeout,
     };
-    metrics::histogram!(names::JOB_DURATION, "queue" => queue)
+    metrics::histogram!(names::JOB_DURATION, names::SCHEMA => shared.schema.clone(), "queue" => queue)
         .record(started.elapsed().as_secs_f64());
     // A crashed run (fault injection) writes nothing, whatever its handler got to.
     if crashed.load(Ordering::SeqCst) {

@@ -1,5 +1,11 @@
 //! Every metric the worker records through the `metrics` facade; the embedding application
 //! chooses the exporter.
+//!
+//! Every series carries [`SCHEMA`] first: an application may run a worker per schema (per
+//! Steward queue) in one process, and their series must not share a label set.
+
+/// The label naming the schema of the worker's target, on every series below.
+pub const SCHEMA: &str = "schema";
 
 /// Seconds per heartbeat flush (histogram).
 pub const HEARTBEAT_FLUSH_DURATION: &str = "steward_worker_heartbeat_flush_duration_seconds";

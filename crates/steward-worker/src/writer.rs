@@ -33,9 +33,17 @@ pub(crate) struct Writer(mpsc::UnboundedSender<Request>);
 
 impl Writer {
     /// Starts the writer task; it ends at `stop`, after writing what was asked before.
-    pub fn start(queue: Queue, stop: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    /// `schema` is the worker's, the `schema` label of the flush metrics.
+    pub fn start(
+        queue: Queue,
+        schema: String,
+        stop: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::unbounded_channel();
-        (Self(sender), tokio::spawn(run(queue, receiver, stop)))
+        (
+            Self(sender),
+            tokio::spawn(run(queue, schema, receiver, stop)),
+        )
     }
 
     pub async fn complete(&self, lease: Lease) -> Result<Written, String> {
@@ -62,6 +70,7 @@ impl Writer {
 
 async fn run(
     queue: Queue,
+    schema: String,
     mut requests: mpsc::UnboundedReceiver<Request>,
     stop: CancellationToken,
 ) {
@@ -95,8 +104,10 @@ async fn run(
         let started = std::time::Instant::now();
         let batch = completes.len() + fails.len();
         tokio::join!(complete(&queue, completes), fail(&queue, fails));
-        metrics::histogram!(names::WRITE_FLUSH_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(names::WRITE_FLUSH_RUNS).record(batch as f64);
+        metrics::histogram!(names::WRITE_FLUSH_DURATION, names::SCHEMA => schema.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::WRITE_FLUSH_RUNS, names::SCHEMA => schema.clone())
+            .record(batch as f64);
     }
 }
 

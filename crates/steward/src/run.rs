@@ -4,7 +4,7 @@ use crate::{DbArgs, LogFormat};
 use anyhow::Context;
 use std::sync::Arc;
 use steward_leader::{Candidate, LoopMode};
-use steward_telemetry::{HttpState, MetricsObserver, Telemetry};
+use steward_telemetry::{HttpState, MetricsObserver, QueueLabels, ServedQueues, Telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -79,17 +79,23 @@ async fn run_with_telemetry(args: RunArgs, telemetry: &Telemetry) -> anyhow::Res
         config.branches.build(),
     )?
     .with_config_digest(config.digest());
-    let metrics = Arc::new(MetricsObserver::new(candidate.instance()));
+    // One queue, in one database: its series carry `schema` only, and it is served as `<schema>`.
+    let queue = QueueLabels {
+        schema: target.schema().to_string(),
+        database: None,
+    };
+    let metrics = Arc::new(MetricsObserver::new(candidate.instance(), queue.clone()));
     metrics.register_initial(candidate.plan());
     let candidate = candidate.with_observer(metrics);
+    let queues = ServedQueues::default();
+    queues.insert(queue.name(), candidate.health(), target);
     steward_telemetry::serve(
         args.metrics_addr,
         HttpState::new(
             telemetry.prometheus(),
-            candidate.health(),
             candidate.instance().to_owned(),
             args.loop_stall_limit,
-            target,
+            queues,
         ),
     )
     .await
