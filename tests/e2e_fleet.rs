@@ -3,6 +3,8 @@
 //! up while running, and a database that cannot be reached kept from the others. Who leads what
 //! is read from the lock table, not from what the processes say.
 
+#[path = "support/http.rs"]
+mod http;
 mod support;
 
 use std::collections::BTreeMap;
@@ -86,6 +88,68 @@ fn fifty_queues_on_three_processes_are_shared_out_and_taken_over() {
         "{sessions} sessions for 51 queues on 3 processes"
     );
     eprintln!("51 queues on 3 processes: led {counts:?}, {sessions} sessions");
+    // Each process's metrics say which queues it leads, one series per queue, and its share;
+    // /leader lists them.
+    let now = leaders();
+    for process in &fleet {
+        let instance = process
+            .find("steward starting as a fleet process")
+            .and_then(|l| l.field_str("instance").map(str::to_owned))
+            .unwrap();
+        let led = now.values().filter(|l| **l == instance).count();
+        // Its terms start just after it wins the locks.
+        let leading_now = || {
+            let (status, body) = process.get("/metrics");
+            assert_eq!(status, 200);
+            let leading: Vec<String> = body
+                .lines()
+                .filter(|l| l.starts_with("steward_leader{") && l.ends_with(" 1"))
+                .map(str::to_owned)
+                .collect();
+            (leading, body)
+        };
+        wait_until_explained(
+            "its metrics to show every queue it leads",
+            Duration::from_secs(30),
+            || leading_now().0.len() == led,
+            || format!("{:?}", leading_now().0),
+        );
+        let (leading, body) = leading_now();
+        for (schema, leader) in &now {
+            if *leader == instance {
+                assert!(
+                    leading
+                        .iter()
+                        .any(|l| l.contains(&format!("schema=\"{schema}\""))),
+                    "{schema} missing from {leading:?}"
+                );
+            }
+        }
+        assert!(
+            body.contains(&format!(
+                "steward_fleet_queues_led{{database=\"{}\"}} {led}",
+                db.name()
+            )),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!(
+                "steward_fleet_share{{database=\"{}\",kind=\"cap\"}} 18",
+                db.name()
+            )),
+            "{body}"
+        );
+        let (status, body) = process.get("/leader");
+        assert_eq!(status, 200, "{body}");
+        let leader: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let queues = leader["queues"].as_object().unwrap();
+        assert_eq!(queues.len(), 51, "{body}");
+        assert_eq!(
+            queues.values().filter(|q| q["leader"] == true).count(),
+            led,
+            "{body}"
+        );
+    }
     assert_promoted(&runtime, &db, "tenant_007");
 
     // A new tenant while running: discovery finds it.

@@ -88,6 +88,8 @@ const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct QueueRef {
     pub name: String,
+    /// The database's name, when the list spans databases.
+    pub database: Option<String>,
     pub target: Target,
 }
 
@@ -395,12 +397,17 @@ impl DatabaseActor {
         if self.queues.contains_key(schema.as_str()) {
             return;
         }
-        let name = match (self.qualified, self.database.target.config().get_dbname()) {
-            (true, Some(database)) => format!("{database}/{schema}"),
-            _ => schema.to_string(),
+        let database = self
+            .qualified
+            .then(|| self.database_name().to_owned())
+            .filter(|name| !name.is_empty());
+        let name = match &database {
+            Some(database) => format!("{database}/{schema}"),
+            None => schema.to_string(),
         };
         let queue = QueueRef {
             name,
+            database,
             target: self.database.target.with_schema(schema.clone()),
         };
         let branches = self.setup.branches();

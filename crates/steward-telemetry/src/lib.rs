@@ -9,4 +9,4 @@ mod observer;
 
 pub use http::{serve, HttpState, ServedQueues};
 pub use init::{LogFormat, Telemetry, TelemetryError};
-pub use observer::{MetricsObserver, QueueLabels};
+pub use observer::{fleet_share, MetricsObserver, QueueLabels};

@@ -43,6 +43,14 @@ pub const SERVER_READ_ONLY: &str = "steward_server_read_only";
 /// Candidates seen recently, by version, loop mode and configuration digest, as the leader reads
 /// them: more than one series means a failover would change how the queue is maintained.
 pub const CANDIDATES: &str = "steward_candidates";
+/// Queues this process leads in a database (a fleet process, ADR 0003; per process, not per
+/// queue).
+pub const FLEET_QUEUES_LED: &str = "steward_fleet_queues_led";
+/// This process's fair share (`kind="fair"`, ceil(queues / processes)) and cap (`kind="cap"`,
+/// fair + 1) of a database's queues.
+pub const FLEET_SHARE: &str = "steward_fleet_share";
+/// The fleet's live processes in a database, as this process last read them.
+pub const FLEET_PROCESSES: &str = "steward_fleet_processes";
 
 /// Live rows of one of Steward's tables (table_health; a partitioned table's partitions summed).
 pub const TABLE_LIVE_TUPLES: &str = "steward_table_live_tuples";
@@ -109,8 +117,17 @@ impl Metric {
     }
 }
 
-/// A per-queue metric (every metric so far: ADR 0003's per-process fleet metrics will be the
-/// first that are not).
+/// A per-process metric: its series carry only its own labels.
+const fn process_metric(name: &'static str, kind: Kind, labels: &'static [&'static str]) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        per_queue: false,
+    }
+}
+
+/// A per-queue metric (all but a fleet process's own).
 const fn metric(name: &'static str, kind: Kind, labels: &'static [&'static str]) -> Metric {
     Metric {
         name,
@@ -176,6 +193,9 @@ pub const ALL: &[Metric] = &[
     metric(INDEX_BYTES, Kind::Gauge, &["table", "index"]),
     metric(INDEX_BLOAT_BYTES, Kind::Gauge, &["table", "index"]),
     metric(INDEX_INVALID, Kind::Gauge, &["table", "index"]),
+    process_metric(FLEET_QUEUES_LED, Kind::Gauge, &[DATABASE_LABEL]),
+    process_metric(FLEET_SHARE, Kind::Gauge, &[DATABASE_LABEL, "kind"]),
+    process_metric(FLEET_PROCESSES, Kind::Gauge, &[DATABASE_LABEL]),
 ];
 
 /// The metric of this name, if Steward exports it.

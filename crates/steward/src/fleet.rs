@@ -8,15 +8,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use steward_branches::{Branch, BranchesConfig};
 use steward_connection::{SchemaName, Target};
-use steward_leader::fleet::{DatabaseQueues, Fleet, QueueRef, QueueSetup};
+use steward_leader::fleet::{DatabaseQueues, Fleet, QueueRef, QueueSetup, Share};
 use steward_leader::{HealthRegistry, LoopPlan, Observer};
-use steward_telemetry::{HttpState, MetricsObserver, Telemetry};
+use steward_telemetry::{HttpState, MetricsObserver, QueueLabels, ServedQueues, Telemetry};
 use tokio_util::sync::CancellationToken;
 
-/// Each queue's branches and its metrics.
+/// Each queue's branches and its metrics, and the queues the HTTP endpoints serve.
 struct Setup {
     branches: BranchesConfig,
     instance: String,
+    served: ServedQueues,
 }
 
 impl QueueSetup for Setup {
@@ -26,13 +27,28 @@ impl QueueSetup for Setup {
 
     fn observers(
         &self,
-        _queue: &QueueRef,
+        queue: &QueueRef,
         plan: &LoopPlan,
-        _health: &HealthRegistry,
+        health: &HealthRegistry,
     ) -> Vec<Arc<dyn Observer>> {
-        let metrics = Arc::new(MetricsObserver::new(self.instance.clone()));
+        // Series carry the database exactly when the list spans databases.
+        let labels = QueueLabels {
+            schema: queue.target.schema().to_string(),
+            database: queue.database.clone(),
+        };
+        let metrics = Arc::new(MetricsObserver::new(self.instance.clone(), labels));
         metrics.register_initial(plan);
+        self.served
+            .insert(queue.name.clone(), health.clone(), queue.target.clone());
         vec![metrics]
+    }
+
+    fn removed(&self, queue: &QueueRef) {
+        self.served.remove(&queue.name);
+    }
+
+    fn shared(&self, database: &str, share: Share) {
+        steward_telemetry::fleet_share(database, &share);
     }
 }
 
@@ -85,22 +101,20 @@ pub async fn run(args: &RunArgs, config: Config, telemetry: &Telemetry) -> anyho
         databases.clone(),
     )?
     .with_config_digest(config.digest());
+    anyhow::ensure!(!databases.is_empty(), "no queues to maintain");
+    let served = ServedQueues::default();
     let setup = Arc::new(Setup {
         branches: config.branches.clone(),
         instance: fleet.instance().to_owned(),
+        served: served.clone(),
     });
-    let first = databases
-        .first()
-        .map(|d| d.target.clone())
-        .context("no queues to maintain")?;
     steward_telemetry::serve(
         args.metrics_addr,
         HttpState::new(
             telemetry.prometheus(),
-            HealthRegistry::default(),
             fleet.instance().to_owned(),
             args.loop_stall_limit,
-            first,
+            served,
         ),
     )
     .await
