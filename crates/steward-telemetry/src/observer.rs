@@ -418,6 +418,19 @@ impl Observer for MetricsObserver {
     }
 }
 
+/// A fleet process's part of one database's queues after a round of the share rule
+/// (ADR 0003): per process, so without the queue's labels.
+pub fn fleet_share(database: &str, share: &steward_leader::fleet::Share) {
+    let database = || vec![Label::new(DATABASE_LABEL, database.to_owned())];
+    metrics::gauge!(FLEET_QUEUES_LED, database()).set(share.led as f64);
+    metrics::gauge!(FLEET_PROCESSES, database()).set(share.processes as f64);
+    for (kind, value) in [("fair", share.fair), ("cap", share.cap)] {
+        let mut labels = database();
+        labels.push(Label::new("kind", kind));
+        metrics::gauge!(FLEET_SHARE, labels).set(value as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -746,18 +759,5 @@ mod tests {
                 assert_eq!(sample(&text, &series), Some(value), "{series} in {text}");
             }
         });
-    }
-}
-
-/// A fleet process's part of one database's queues after a round of the share rule
-/// (ADR 0003): per process, so without the queue's labels.
-pub fn fleet_share(database: &str, share: &steward_leader::fleet::Share) {
-    let database = || vec![Label::new(DATABASE_LABEL, database.to_owned())];
-    metrics::gauge!(FLEET_QUEUES_LED, database()).set(share.led as f64);
-    metrics::gauge!(FLEET_PROCESSES, database()).set(share.processes as f64);
-    for (kind, value) in [("fair", share.fair), ("cap", share.cap)] {
-        let mut labels = database();
-        labels.push(Label::new("kind", kind));
-        metrics::gauge!(FLEET_SHARE, labels).set(value as f64);
     }
 }
