@@ -49,10 +49,14 @@ SELECT q.s, held.application_name,
 FROM q LEFT JOIN held
   ON held.classid = ((q.k >> 32) & 4294967295)::oid AND held.objid = (q.k & 4294967295)::oid";
 
-/// Tries the leadership locks of the queues `$1` without waiting; returns those it won.
+/// Tries the leadership locks of the queues `$1`, in their order and without waiting, until
+/// `$2` are won; returns those. The plan streams (a function scan yielding the array in order,
+/// a filter, a limit): the limit stops the scan, so no lock beyond the `$2`-th won is tried.
+/// No ORDER BY, which would evaluate the filter, and take the locks, of every row first.
 pub const TRY_LOCKS: &str = "
 SELECT s FROM unnest($1::text[]) AS s
-WHERE pg_try_advisory_lock(hashtextextended('steward.leader.' || s, 0))";
+WHERE pg_try_advisory_lock(hashtextextended('steward.leader.' || s, 0))
+LIMIT $2";
 
 /// Releases one queue's lock (the queue's schema `$1`).
 pub const RELEASE_QUEUE: &str =
@@ -280,6 +284,9 @@ struct Queue {
     unled_since: Option<Instant>,
     /// The schema is at a version this steward cannot run: not tried again before this.
     refused_until: Option<Instant>,
+    /// Its schema version was checked on this fleet session (checked again after a reconnect
+    /// and at each discovery, when a rolling upgrade may have migrated it).
+    checked: bool,
     led: Option<Led>,
 }
 
@@ -429,6 +436,7 @@ impl DatabaseActor {
                 gone: false,
                 unled_since: None,
                 refused_until: None,
+                checked: false,
                 led: None,
             },
         );
@@ -447,6 +455,9 @@ impl DatabaseActor {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval
         };
+        for q in self.queues.values_mut() {
+            q.checked = false;
+        }
         let mut poll = ticker(self.fleet.poll_interval);
         let mut probe = ticker(self.settings.probe_interval);
         let mut wedge = ticker(self.settings.wedge_check_interval);
@@ -469,7 +480,14 @@ impl DatabaseActor {
                         Ok(())
                     }
                 },
-                _ = poll.tick() => self.round(client).await,
+                _ = poll.tick() => match self.round(client).await {
+                    Ok(true) => {
+                        poll.reset_immediately();
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(error) => Err(error),
+                },
                 _ = probe.tick() => self.probe(client).await,
                 _ = wedge.tick() => self.watch_for_wedged(client).await,
                 _ = discover.tick() => self.discover(client).await,
@@ -487,8 +505,9 @@ impl DatabaseActor {
         }
     }
 
-    /// One round of the share rule: read the fleet, then take and hand over queues.
-    async fn round(&mut self, client: &mut Client) -> Result<(), String> {
+    /// One round of the share rule: read the fleet, then take and hand over queues. True when
+    /// it won a queue: the next round then follows at once, since the others' view changed.
+    async fn round(&mut self, client: &mut Client) -> Result<bool, String> {
         let now = Instant::now();
         let candidates: Vec<String> = self
             .queues
@@ -501,7 +520,7 @@ impl DatabaseActor {
             .await
             .map_err(|e| describe_pg_error(&e))?;
         let Some(first) = rows.first() else {
-            return Ok(());
+            return Ok(false);
         };
         let read_only: bool = first.get(3);
         self.set_read_only(read_only);
@@ -569,7 +588,7 @@ impl DatabaseActor {
             },
         );
         if read_only {
-            return Ok(());
+            return Ok(false);
         }
         let rule = ShareRule {
             grace: self.fleet.poll_interval * 4,
@@ -584,13 +603,23 @@ impl DatabaseActor {
                 unled_for: &unled_for,
             },
         );
-        let mut wanted = Vec::new();
+        let mut won = Vec::new();
         for action in actions {
             match action {
-                Action::Acquire(schema) => {
-                    if self.queues.get(&schema).is_some_and(|q| q.led.is_none()) {
-                        wanted.push(schema);
+                Action::Acquire { queues, up_to } => {
+                    let wanted: Vec<String> = queues
+                        .into_iter()
+                        .filter(|schema| self.queues.get(schema).is_some_and(|q| q.led.is_none()))
+                        .collect();
+                    if wanted.is_empty() {
+                        continue;
                     }
+                    let limit = i64::try_from(up_to).unwrap_or(i64::MAX);
+                    let rows = client
+                        .query(TRY_LOCKS, &[&wanted, &limit])
+                        .await
+                        .map_err(|e| describe_pg_error(&e))?;
+                    won.extend(rows.iter().map(|row| row.get::<_, String>(0)));
                 }
                 Action::StepDown(schema) => {
                     if let Some(led) = self.queues.get(&schema).and_then(|q| q.led.as_ref()) {
@@ -600,20 +629,11 @@ impl DatabaseActor {
                 }
             }
         }
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let won: Vec<String> = client
-            .query(TRY_LOCKS, &[&wanted])
-            .await
-            .map_err(|e| describe_pg_error(&e))?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let again = !won.is_empty();
         for schema in won {
             self.start(client, &schema).await?;
         }
-        Ok(())
+        Ok(again)
     }
 
     /// Opens a term on a queue whose lock the fleet session has just won, and starts it.
@@ -621,8 +641,12 @@ impl DatabaseActor {
         let Some(q) = self.queues.get_mut(schema) else {
             return release(client, schema).await;
         };
-        match steward_schema::check_schema(client, &q.schema).await {
-            Ok(_) => {}
+        match if q.checked {
+            Ok(0)
+        } else {
+            steward_schema::check_schema(client, &q.schema).await
+        } {
+            Ok(_) => q.checked = true,
             Err(steward_schema::SchemaError::Db(error)) => {
                 release(client, schema).await?;
                 return Err(describe_pg_error(&error));
@@ -890,6 +914,9 @@ impl DatabaseActor {
     /// Refreshes this process's record in every queue's candidates and, with discovery on,
     /// the list of queues: new schemas join it, dropped ones leave it.
     async fn discover(&mut self, client: &mut Client) -> Result<(), String> {
+        for q in self.queues.values_mut() {
+            q.checked = false;
+        }
         if self.database.discover {
             let found: BTreeSet<SchemaName> = steward_schema::discover_queues(client)
                 .await

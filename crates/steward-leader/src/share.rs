@@ -38,8 +38,10 @@ pub struct FleetView<'a> {
 /// What a process should do this round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Try the queue's lock (another process may win it).
-    Acquire(QueueId),
+    /// Try the queues' locks in this order until `up_to` are won. Other processes act on the
+    /// same view at the same time, so some may be won by them; going on down the list then
+    /// fills this process's room in the same round rather than the next.
+    Acquire { queues: Vec<QueueId>, up_to: usize },
     /// End the term gracefully and release the lock, for a process under its share to take.
     StepDown(QueueId),
 }
@@ -92,15 +94,23 @@ impl ShareRule {
         free.sort_by_key(|q| std::cmp::Reverse(preference(me, q)));
 
         let mut actions = Vec::new();
+        let (overdue, in_turn): (Vec<&QueueId>, Vec<&QueueId>) = free.iter().partition(|q| {
+            view.unled_for
+                .get(**q)
+                .is_some_and(|waited| *waited >= self.grace)
+        });
+        if !overdue.is_empty() {
+            actions.push(Action::Acquire {
+                up_to: overdue.len(),
+                queues: overdue.into_iter().cloned().collect(),
+            });
+        }
         let room = fair.saturating_sub(mine.len());
-        for (i, queue) in free.iter().enumerate() {
-            let overdue = view
-                .unled_for
-                .get(*queue)
-                .is_some_and(|waited| *waited >= self.grace);
-            if i < room || overdue {
-                actions.push(Action::Acquire((*queue).clone()));
-            }
+        if room > 0 && !in_turn.is_empty() {
+            actions.push(Action::Acquire {
+                queues: in_turn.into_iter().cloned().collect(),
+                up_to: room,
+            });
         }
         let someone_under = view
             .live
@@ -206,8 +216,19 @@ mod tests {
                 };
                 for action in self.rule.decide(&me, view) {
                     match action {
-                        Action::Acquire(queue) => {
-                            self.leaders.entry(queue).or_insert_with(|| me.clone());
+                        Action::Acquire { queues, up_to } => {
+                            let mut won = 0;
+                            for queue in queues {
+                                if won == up_to {
+                                    break;
+                                }
+                                if let std::collections::btree_map::Entry::Vacant(free) =
+                                    self.leaders.entry(queue)
+                                {
+                                    free.insert(me.clone());
+                                    won += 1;
+                                }
+                            }
                         }
                         Action::StepDown(queue) => {
                             if self.leaders.get(&queue) == Some(&me) {
