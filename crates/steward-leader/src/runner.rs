@@ -251,11 +251,9 @@ impl LoopTask {
                     Err(error) => {
                         contact_lost = true;
                         tracing::warn!(loop_name = self.name, %error, retry_in = ?backoff, "maintenance loop cannot reach the database");
-                        tokio::select! {
-                            _ = self.stop.stopped() => return LoopExit::Stopped,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !self.back_off(&mut backoff).await {
+                            return LoopExit::Stopped;
                         }
-                        backoff = (backoff * 2).min(self.settings.reconnect_max);
                     }
                 }
                 continue;
@@ -295,11 +293,9 @@ impl LoopTask {
                     Err(error) => {
                         contact_lost = true;
                         tracing::warn!(loop_name = self.name, %error, retry_in = ?backoff, "maintenance loop cannot get a session of its pool");
-                        tokio::select! {
-                            _ = self.stop.stopped() => return LoopExit::Stopped,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !self.back_off(&mut backoff).await {
+                            return LoopExit::Stopped;
                         }
-                        backoff = (backoff * 2).min(self.settings.reconnect_max);
                         continue;
                     }
                 },
@@ -307,7 +303,9 @@ impl LoopTask {
             let Some(pass) = pass else {
                 return LoopExit::Stopped;
             };
+            // A shared loop regains contact when its pool gives it a session again.
             if std::mem::take(&mut contact_lost) {
+                backoff = self.settings.reconnect_min;
                 self.contact.restored_now();
             }
             self.report(slot, &pass);
@@ -335,6 +333,17 @@ impl LoopTask {
                 }
             }
         }
+    }
+
+    /// Waits out `backoff` and doubles it, up to `reconnect_max`; false when the term ended
+    /// first.
+    async fn back_off(&self, backoff: &mut Duration) -> bool {
+        let waited = tokio::select! {
+            _ = self.stop.stopped() => false,
+            _ = tokio::time::sleep(*backoff) => true,
+        };
+        *backoff = (*backoff * 2).min(self.settings.reconnect_max);
+        waited
     }
 
     /// Tells the observers until when each branch with a quiet period is held, counted from
