@@ -4,7 +4,9 @@
 //! at their queue's schema first. Classes never share a pool, so one queue's hygiene can never
 //! hold a session another queue's promoter is waiting for.
 
+use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 use steward_connection::{describe_pg_error, Reconnecting, SchemaName, Target};
 use tokio_postgres::Client;
 
@@ -16,7 +18,12 @@ pub(crate) struct SharedPool {
     /// The pool's sessions' target: where a running statement is cancelled.
     pub target: Target,
     pub schema: SchemaName,
+    /// The schema each of the pool's sessions was last pointed at, so that a session that
+    /// serves the same queue again needs no `SET`.
+    paths: SearchPaths,
 }
+
+type SearchPaths = Arc<Mutex<HashMap<deadpool::managed::ObjectId, SchemaName>>>;
 
 /// A pooled session, pointed at the queue's schema.
 pub(crate) type Pooled = deadpool_postgres::Object;
@@ -26,13 +33,26 @@ impl SharedPool {
     /// shared pool goes through here, so a session never runs with another queue's path.
     pub async fn get(&self) -> Result<Pooled, String> {
         let session = self.pool.get().await.map_err(|e| e.to_string())?;
-        // The schema name is validated (a plain identifier); quoted all the same.
-        session
-            .batch_execute(&format!("SET search_path = \"{}\"", self.schema))
-            .await
-            .map_err(|e| describe_pg_error(&e))?;
+        let id = Pooled::id(&session);
+        let current = lock(&self.paths).get(&id) == Some(&self.schema);
+        if !current {
+            // Forgotten first: a SET that fails leaves the session's path unknown.
+            lock(&self.paths).remove(&id);
+            // The schema name is validated (a plain identifier); quoted all the same.
+            session
+                .batch_execute(&format!("SET search_path = \"{}\"", self.schema))
+                .await
+                .map_err(|e| describe_pg_error(&e))?;
+            lock(&self.paths).insert(id, self.schema.clone());
+        }
         Ok(session)
     }
+}
+
+fn lock(
+    paths: &SearchPaths,
+) -> std::sync::MutexGuard<'_, HashMap<deadpool::managed::ObjectId, SchemaName>> {
+    paths.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A periodic task's sessions: its own, reopened when it ends, or a shared pool's.
@@ -78,19 +98,19 @@ impl Sessions {
 /// A fleet process's pools in one database, shared by every queue it leads there.
 #[derive(Clone)]
 pub(crate) struct DatabasePools {
-    slo: (deadpool_postgres::Pool, Target),
-    hygiene: (deadpool_postgres::Pool, Target),
-    health: (deadpool_postgres::Pool, Target),
-    backlog: (deadpool_postgres::Pool, Target),
+    slo: PoolOf,
+    hygiene: PoolOf,
+    health: PoolOf,
+    backlog: PoolOf,
     pub wakes: crate::runner::WakeRouter,
 }
 
-/// A pool and its target: sessions named `role`, at most `size` of them.
-fn pool_of(
-    target: Target,
-    size: usize,
-) -> Result<(deadpool_postgres::Pool, Target), steward_connection::ConnectError> {
-    Ok((target.pool(size)?, target))
+/// A pool, its target, and where its sessions point.
+type PoolOf = (deadpool_postgres::Pool, Target, SearchPaths);
+
+/// A pool of at most `size` sessions of `target`.
+fn pool_of(target: Target, size: usize) -> Result<PoolOf, steward_connection::ConnectError> {
+    Ok((target.pool(size)?, target, SearchPaths::default()))
 }
 
 impl DatabasePools {
@@ -116,10 +136,11 @@ impl DatabasePools {
 
     /// The pools as one queue uses them.
     pub fn for_queue(&self, schema: &SchemaName) -> QueuePools {
-        let shared = |(pool, target): &(deadpool_postgres::Pool, Target)| SharedPool {
+        let shared = |(pool, target, paths): &PoolOf| SharedPool {
             pool: pool.clone(),
             target: target.clone(),
             schema: schema.clone(),
+            paths: paths.clone(),
         };
         QueuePools {
             slo: shared(&self.slo),
@@ -157,5 +178,42 @@ impl QueuePools {
             },
             wakes: self.wakes.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_testkit::TestDb;
+
+    /// Queues taking turns on one pooled session each see their own schema: the path is set
+    /// when the session last served another queue, and only then.
+    #[tokio::test]
+    async fn a_shared_session_always_runs_with_its_users_schema() {
+        let db = TestDb::new().await;
+        let (pool, target, paths) = pool_of(db.target().clone(), 1).unwrap();
+        let for_schema = |schema: &str| SharedPool {
+            pool: pool.clone(),
+            target: target.clone(),
+            schema: schema.parse().unwrap(),
+            paths: paths.clone(),
+        };
+        let (a, b) = (for_schema("queue_a"), for_schema("queue_b"));
+        for (user, expected) in [
+            (&a, "queue_a"),
+            (&a, "queue_a"),
+            (&b, "queue_b"),
+            (&a, "queue_a"),
+        ] {
+            let session = user.get().await.unwrap();
+            let path: String = session
+                .query_one("SELECT current_setting('search_path')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(path.trim_matches('"'), expected);
+        }
+        let remembered: Vec<String> = lock(&paths).values().map(|s| s.to_string()).collect();
+        assert_eq!(remembered, ["queue_a"], "one session, its last path");
     }
 }
