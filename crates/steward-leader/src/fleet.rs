@@ -7,7 +7,7 @@
 //! next process takes it at once rather than at its next poll.
 
 use crate::health::HealthRegistry;
-use crate::instance::{Instance, Registration, WITHDRAW};
+use crate::instance::{Instance, WITHDRAW};
 use crate::observe::{LeadershipEvent, Observer, Observers};
 use crate::plan::LoopPlan;
 use crate::runner::ContactMonitor;
@@ -245,8 +245,8 @@ impl Fleet {
                 term_tasks: HashMap::new(),
                 read_only: false,
                 pinning_checked: false,
+                unresponsive: false,
                 leaders: BTreeMap::new(),
-                live: BTreeSet::new(),
             };
             actors.spawn(actor.run(shutdown.clone()));
         }
@@ -319,16 +319,13 @@ struct DatabaseActor {
     term_tasks: HashMap<tokio::task::Id, (String, i64)>,
     read_only: bool,
     pinning_checked: bool,
-    /// The last round's view: the leader of each queue another fleet process leads.
+    /// A statement on the fleet session went unanswered: the session is given up.
+    unresponsive: bool,
+    /// The last round's view: the fleet process leading each queue a fleet process leads.
     leaders: BTreeMap<String, String>,
-    live: BTreeSet<String>,
 }
 
 impl DatabaseActor {
-    fn registration(&self) -> &Registration {
-        self.instance.registration()
-    }
-
     fn describe(&self) -> String {
         self.database.target.to_string()
     }
@@ -497,7 +494,7 @@ impl DatabaseActor {
                 },
             };
             if let Err(error) = result {
-                if client.is_closed() {
+                if client.is_closed() || std::mem::take(&mut self.unresponsive) {
                     return SessionEnd::Lost(error);
                 }
                 tracing::warn!(database = %self.describe(), %error, "fleet session statement failed");
@@ -515,10 +512,12 @@ impl DatabaseActor {
             .filter(|(_, q)| q.refused_until.is_none_or(|until| until <= now))
             .map(|(schema, _)| schema.clone())
             .collect();
-        let rows = client
-            .query(FLEET_VIEW, &[&candidates])
-            .await
-            .map_err(|e| describe_pg_error(&e))?;
+        let rows = self
+            .bounded(
+                "reading the fleet",
+                client.query(FLEET_VIEW, &[&candidates]),
+            )
+            .await?;
         let Some(first) = rows.first() else {
             return Ok(false);
         };
@@ -576,7 +575,6 @@ impl DatabaseActor {
                 release(client, schema).await?;
             }
         }
-        self.live = live.clone();
         self.leaders = leaders.clone();
         self.setup.shared(
             self.database_name(),
@@ -615,10 +613,9 @@ impl DatabaseActor {
                         continue;
                     }
                     let limit = i64::try_from(up_to).unwrap_or(i64::MAX);
-                    let rows = client
-                        .query(TRY_LOCKS, &[&wanted, &limit])
-                        .await
-                        .map_err(|e| describe_pg_error(&e))?;
+                    let rows = self
+                        .bounded("trying locks", client.query(TRY_LOCKS, &[&wanted, &limit]))
+                        .await?;
                     won.extend(rows.iter().map(|row| row.get::<_, String>(0)));
                 }
                 Action::StepDown(schema) => {
@@ -805,27 +802,9 @@ impl DatabaseActor {
             .map(|(schema, _)| schema.clone())
             .collect();
         let started = Instant::now();
-        let row = match tokio::time::timeout(
-            self.settings.probe_timeout,
-            client.query_one(FLEET_PROBE, &[&led]),
-        )
-        .await
-        {
-            Ok(Ok(row)) => row,
-            Ok(Err(error)) => return Err(describe_pg_error(&error)),
-            Err(_) => {
-                let why = format!(
-                    "fleet session probe: no answer within {:?}",
-                    self.settings.probe_timeout
-                );
-                for q in self.queues.values() {
-                    if let Some(led) = &q.led {
-                        led.lease.end(why.clone());
-                    }
-                }
-                return Err(why);
-            }
-        };
+        let row = self
+            .bounded("the probe", client.query_one(FLEET_PROBE, &[&led]))
+            .await?;
         let rtt = started.elapsed();
         let read_only: bool = row.get(0);
         let held: HashSet<String> = row.get::<_, Vec<String>>(1).into_iter().collect();
@@ -851,6 +830,26 @@ impl DatabaseActor {
         Ok(())
     }
 
+    /// Runs a statement of the fleet session that must answer within the probe timeout, as
+    /// the single-queue probe must: a session that does not is given up (every queue led on it
+    /// ends), rather than left to hold up every other statement of the fleet.
+    async fn bounded<T>(
+        &mut self,
+        what: &str,
+        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.settings.probe_timeout, statement).await {
+            Ok(answer) => answer.map_err(|e| describe_pg_error(&e)),
+            Err(_) => {
+                self.unresponsive = true;
+                Err(format!(
+                    "{what}: no answer on the fleet session within {:?}",
+                    self.settings.probe_timeout
+                ))
+            }
+        }
+    }
+
     /// Tells every queue's observers when the server starts or stops refusing writes.
     fn set_read_only(&mut self, read_only: bool) {
         if read_only == self.read_only {
@@ -873,7 +872,7 @@ impl DatabaseActor {
     /// progress for `wedge_timeout` is ended, all its sessions at once, so that its queues can
     /// be taken over (its process is stuck, not one queue).
     async fn watch_for_wedged(&mut self, client: &mut Client) -> Result<(), String> {
-        let me = self.instance.name();
+        let me = self.instance.name().to_owned();
         let watched: Vec<&str> = self
             .leaders
             .iter()
@@ -883,10 +882,13 @@ impl DatabaseActor {
         if watched.is_empty() {
             return Ok(());
         }
-        let rows = client
-            .query(&progress_of(&watched), &[])
-            .await
-            .map_err(|e| describe_pg_error(&e))?;
+        let progress = progress_of(&watched);
+        let rows = self
+            .bounded(
+                "reading the leaders' progress",
+                client.query(&progress, &[]),
+            )
+            .await?;
         let mut ended = HashSet::new();
         for row in rows {
             let (schema, epoch, instance, age): (String, i64, String, Option<f64>) =
@@ -944,7 +946,7 @@ impl DatabaseActor {
             }
             self.forget_gone();
         }
-        let registration = self.registration().clone();
+        let registration = self.instance.registration().clone();
         for schema in self.queues.keys() {
             let refreshed = async {
                 let tx = client.transaction().await?;
