@@ -391,3 +391,60 @@ fn a_wedged_process_loses_its_queues_and_takes_its_share_back_when_resumed() {
         );
     }
 }
+
+/// The hygiene of other queues cannot hold up a queue's promoter: with every session of the
+/// hygiene pool blocked (two queues' cleanups waiting on a lock the test holds on their
+/// archives), a third queue's scheduled job is promoted while those same statements still wait.
+#[test]
+fn a_queues_promoter_does_not_wait_for_other_queues_hygiene() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    let tenants = schema_names(3);
+    queues::migrate(Path::new(STEWARD), &url, &tenants).unwrap();
+    let locker = runtime.block_on(db.client());
+    // The archives' locks first, so that the first cleanup of each blocked queue waits.
+    runtime
+        .block_on(locker.batch_execute(
+            "BEGIN; LOCK tenant_002.job_archive, tenant_003.job_archive IN ACCESS EXCLUSIVE MODE",
+        ))
+        .unwrap();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let mut toml = String::from("[fleet]\nhygiene_sessions = 2\n");
+    for schema in &tenants {
+        toml.push_str(&format!("[[queues]]\nschema = \"{schema}\"\n"));
+    }
+    std::fs::write(config.path(), toml).unwrap();
+    let _process = Steward::spawn(&url, &["--config", config.path().to_str().unwrap()]);
+    let client = runtime.block_on(db.client());
+    // The hygiene sessions waiting on a lock, with when their statement started.
+    let blocked = || -> Vec<(i32, String)> {
+        runtime
+            .block_on(client.query(
+                "SELECT pid, query_start::text FROM pg_stat_activity
+                 WHERE application_name LIKE 'steward:%:hygiene' AND wait_event_type = 'Lock'
+                 ORDER BY pid",
+                &[],
+            ))
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    };
+    // A blocked cleanup gives up after its lock timeout (5 s) and tries again at its next
+    // pass; the promotion must happen inside one window in which both wait throughout.
+    for attempt in 1..=3 {
+        wait_until(
+            "both hygiene sessions waiting on the archives' locks",
+            Duration::from_secs(90),
+            || blocked().len() == 2,
+        );
+        let before = blocked();
+        assert_promoted(&runtime, &db, "tenant_001");
+        if blocked() == before {
+            return;
+        }
+        eprintln!("attempt {attempt}: the blocked statements changed meanwhile; again");
+    }
+    panic!("no promotion within a window of both hygiene sessions blocked");
+}
