@@ -6,9 +6,12 @@
 //! - **Fair share** `ceil(queues / live processes)`: a process under it takes free queues, in its
 //!   own order of preference (rendezvous hashing of process and queue, so that processes reach
 //!   for different queues and a queue tends to return to the same process).
-//! - **Cap** `fair share + 1`: a process over it hands one queue a round to the others, and only
-//!   while some other live process is under its fair share (else the queue would wait for
-//!   nobody) and no queue handed over earlier is still waiting to be taken.
+//! - **Handover:** a process over its fair share hands one queue a round to the others, and
+//!   only while some other live process is under its fair share (else the queue would wait for
+//!   nobody) and no queue handed over earlier is still waiting to be taken. So a process that
+//!   joins gets its share even when every other process is within the cap.
+//! - **Cap** `fair share + 1`: what a process leads once the fleet has settled, whatever the
+//!   order in which processes came and went (the grace rule below may exceed it for a round).
 //! - **Liveness first:** a queue without a leader for `grace` is taken by any process that sees
 //!   it, whatever its share. A view that overcounts processes (a stale registry) or undercounts
 //!   queues may make every process believe it is at its share; this rule keeps such a queue from
@@ -69,7 +72,6 @@ impl ShareRule {
     /// This round's actions for process `me`.
     pub fn decide(&self, me: &str, view: FleetView<'_>) -> Vec<Action> {
         let fair = Self::fair_share(view.queues.len(), view.live.len());
-        let cap = fair + 1;
         let leader_of = |queue: &QueueId| {
             view.leaders
                 .get(queue)
@@ -123,7 +125,7 @@ impl ShareRule {
                 .get(*q)
                 .is_some_and(|waited| *waited >= self.handoff_wait)
         });
-        if mine.len() > cap && someone_under && !handoffs_stalled {
+        if mine.len() > fair && someone_under && !handoffs_stalled {
             if let Some(least) = mine.iter().min_by_key(|q| preference(me, q)) {
                 actions.push(Action::StepDown((*least).clone()));
             }
@@ -313,6 +315,25 @@ mod tests {
         println!("50 queues: 2 joins settled in {rounds} rounds");
         assert!(rounds <= 64, "{rounds}");
         // A queue handed over is taken in the round it was released, or the next.
+        assert!(fleet.worst_unled <= 1, "{}", fleet.worst_unled);
+    }
+
+    #[test]
+    fn a_process_that_joins_gets_queues_even_when_the_others_are_within_the_cap() {
+        let mut fleet = Fleet::new(10, 2);
+        fleet.settle(3).unwrap();
+        // 5 and 5: within the cap of 10 queues on 3 (5), but over the fair share (4).
+        fleet.join("late-9-00ff");
+        for _ in 0..10 {
+            fleet.round();
+        }
+        let mut counts: BTreeMap<&ProcessId, usize> = BTreeMap::new();
+        for leader in fleet.leaders.values() {
+            *counts.entry(leader).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = counts.into_values().collect();
+        counts.sort();
+        assert_eq!(counts, [2, 4, 4]);
         assert!(fleet.worst_unled <= 1, "{}", fleet.worst_unled);
     }
 
