@@ -42,12 +42,12 @@ WHERE branch_health.epoch <= excluded.epoch";
 pub const MARK_PROGRESS: &str = "
 UPDATE leader SET last_progress_at = clock_timestamp() WHERE id = 1 AND epoch = $1";
 
-/// How often the leader compares the candidates' versions and configurations with its own.
+/// How often the leader refreshes its candidate record and compares the candidates' versions
+/// and configurations with its own.
 const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(15);
 
-/// Marks progress for standbys, keeps the candidates table fresh and flushes branch health,
-/// every `every`, on `sessions`; checks the candidates for drift every
-/// [`DRIFT_CHECK_EVERY`]. Returns when the progress mark shows that a newer term has started.
+/// Marks progress for standbys and flushes branch health every `every`, on `sessions`; keeps
+/// the candidates table fresh and checks it for drift every [`DRIFT_CHECK_EVERY`]. Returns when the progress mark shows that a newer term has started.
 pub(crate) async fn health_writer(
     mut session: Sessions,
     registration: Registration,
@@ -81,16 +81,18 @@ pub(crate) async fn health_writer(
                 continue;
             }
         }
-        // The leader keeps its own candidate record fresh, and forgets candidates long gone.
-        let registered = async {
-            registration.refresh(&*c).await?;
-            c.execute(FORGET_GONE, &[]).await
-        };
-        if let Err(error) = registered.await {
-            tracing::debug!(error = %describe_pg_error(&error), "could not refresh the candidates");
-        }
+        // At the drift check's cadence, not every tick: a fleet process leads many queues, and
+        // candidates count as current for two minutes. The leader keeps its own candidate
+        // record fresh, and forgets candidates long gone.
         if drift_checked.is_none_or(|at| at.elapsed() >= DRIFT_CHECK_EVERY) {
             drift_checked = Some(Instant::now());
+            let registered = async {
+                registration.refresh(&*c).await?;
+                c.execute(FORGET_GONE, &[]).await
+            };
+            if let Err(error) = registered.await {
+                tracing::debug!(error = %describe_pg_error(&error), "could not refresh the candidates");
+            }
             if let Err(error) =
                 crate::drift::check(&c, &registration, &mut warned, observer.as_ref()).await
             {
