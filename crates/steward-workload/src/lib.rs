@@ -11,9 +11,11 @@
 //! - [`fleet`]: `steward run` processes: spawned with JSON logs, their lines collected with the
 //!   time each was written, signalled, and read from /proc.
 //! - [`queues`]: many queues in one database: migrating them, and who leads each.
+//! - [`metrics`]: a process's `/metrics` read back: histogram buckets and their quantiles.
 
 pub mod behaviour;
 pub mod fleet;
+pub mod metrics;
 pub mod queues;
 mod rng;
 pub mod workload;
