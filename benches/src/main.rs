@@ -194,6 +194,9 @@ struct Args {
     /// Fleet: cleanup backlog rows in each queue but the busy one. Default 100000, quick 20000.
     #[arg(long)]
     fleet_backlog_rows: Option<i64>,
+    /// Fleet: the processes' SLO pool size (`[fleet] slo_sessions`); default: the shipped one.
+    #[arg(long)]
+    fleet_slo_sessions: Option<usize>,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -565,6 +568,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 .unwrap_or(pick(quick, 20_000, 100_000)),
             trials: args.trials.unwrap_or(pick(quick, 1, 5)),
             settle: pick(quick, Duration::from_secs(1), Duration::from_secs(5)),
+            slo_sessions: args.fleet_slo_sessions,
         };
         let result = match &steward_bin {
             Some(Ok(bin)) => fleet::run(&pg, bin, &settings).await,

@@ -73,6 +73,8 @@ pub struct Settings {
     pub trials: u32,
     /// Quiet time after the fleet settled, before the idle window.
     pub settle: Duration,
+    /// `[fleet] slo_sessions` for the processes (`--set`), instead of the shipped default.
+    pub slo_sessions: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,7 +89,8 @@ pub struct Params {
     pub workers: usize,
     pub backlog_rows_per_queue: i64,
     pub trials: u32,
-    /// The fleet's shipped settings, which the processes run with.
+    /// The fleet's settings the processes run with: the shipped ones, but `slo_sessions` when
+    /// the bench was told otherwise.
     pub poll_interval_ms: f64,
     pub slo_sessions: usize,
     pub hygiene_sessions: usize,
@@ -255,8 +258,9 @@ struct Member {
 }
 
 impl Member {
-    async fn start(bin: &Path, url: &str) -> anyhow::Result<Member> {
-        let mut process = StewardProcess::spawn(bin, url, &["--discover"])?;
+    async fn start(bin: &Path, url: &str, args: &[String]) -> anyhow::Result<Member> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut process = StewardProcess::spawn(bin, url, &args)?;
         let line = process.wait_message(FLEET_STARTING, START_WITHIN).await?;
         let instance = line
             .field_str("instance")
@@ -278,6 +282,8 @@ impl Member {
 struct Fleet<'a> {
     db: &'a BenchDb,
     bin: &'a Path,
+    /// `steward run`'s arguments.
+    args: Vec<String>,
     client: Client,
     schemas: Vec<String>,
     members: Vec<Member>,
@@ -288,7 +294,7 @@ impl Fleet<'_> {
     async fn spawn(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
             self.members
-                .push(Member::start(self.bin, &self.db.url).await?);
+                .push(Member::start(self.bin, &self.db.url, &self.args).await?);
         }
         Ok(())
     }
@@ -405,7 +411,7 @@ async fn run_on(db: &BenchDb, bin: &Path, s: &Settings) -> anyhow::Result<FleetR
         backlog_rows_per_queue: s.backlog_rows,
         trials: s.trials,
         poll_interval_ms: fleet_settings.poll_interval.as_secs_f64() * 1000.0,
-        slo_sessions: fleet_settings.slo_sessions,
+        slo_sessions: s.slo_sessions.unwrap_or(fleet_settings.slo_sessions),
         hygiene_sessions: fleet_settings.hygiene_sessions,
         steward_bin: bin.display().to_string(),
     };
@@ -429,9 +435,14 @@ async fn run_on(db: &BenchDb, bin: &Path, s: &Settings) -> anyhow::Result<FleetR
         .batch_execute(&lag_probe(&busy_schema))
         .await
         .context("adding the promotion-lag trigger")?;
+    let mut args = vec!["--discover".to_owned()];
+    if let Some(n) = s.slo_sessions {
+        args.extend(["--set".to_owned(), format!("fleet.slo_sessions={n}")]);
+    }
     let mut fleet = Fleet {
         db,
         bin,
+        args,
         client,
         schemas,
         members: Vec::new(),
