@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use steward_queue::{NewJob, Queue};
 use steward_testkit::TestDb;
+use steward_workload::fleet::FLEET_STARTING;
 use steward_workload::queues;
 use support::*;
 
@@ -165,7 +166,7 @@ fn fifty_queues_on_three_processes_are_shared_out_and_taken_over() {
     let index = fleet
         .iter()
         .position(|s| {
-            s.find("steward starting as a fleet process")
+            s.find(FLEET_STARTING)
                 .and_then(|l| l.field_str("instance").map(str::to_owned))
                 .as_deref()
                 == Some(victim.as_str())
@@ -179,24 +180,17 @@ fn fifty_queues_on_three_processes_are_shared_out_and_taken_over() {
     let mut victim_process = fleet.remove(index);
     victim_process.signal("KILL");
     let killed = Instant::now();
-    let mut taken: BTreeMap<String, Duration> = BTreeMap::new();
-    while taken.len() < orphans.len() {
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "after 30 s only {} of {} queues were led again",
-            taken.len(),
-            orphans.len()
-        );
-        let now = leaders();
-        for schema in &orphans {
-            if now.get(schema).is_some_and(|l| *l != victim) {
-                taken
-                    .entry(schema.clone())
-                    .or_insert_with(|| killed.elapsed());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let takeover = runtime
+        .block_on(queues::await_takeover(
+            &client,
+            &orphans,
+            &victim,
+            killed,
+            Duration::from_millis(10),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    let taken = takeover.taken;
     let _ = victim_process.wait_exit(Duration::from_secs(5));
     let mut times: Vec<Duration> = taken.values().copied().collect();
     times.sort();

@@ -82,11 +82,7 @@ impl Pg {
 
     /// A new database holding a migrated `steward` schema.
     pub async fn create(&self, label: &str) -> anyhow::Result<BenchDb> {
-        let db = self.new_db(label);
-        self.admin
-            .batch_execute(&format!("CREATE DATABASE {}", db.name))
-            .await
-            .with_context(|| format!("creating database {}", db.name))?;
+        let db = self.create_empty(label).await?;
         let migrated = async {
             let mut client = db.client().await?;
             steward_schema::migrate(&mut client, &db.schema).await?;
@@ -97,6 +93,17 @@ impl Pg {
             self.drop_db(db).await;
             return Err(error.context("migrating the bench database"));
         }
+        Ok(db)
+    }
+
+    /// A new database without Steward's tables, for a scenario that makes its own schemas
+    /// (`db.schema` then names none).
+    pub async fn create_empty(&self, label: &str) -> anyhow::Result<BenchDb> {
+        let db = self.new_db(label);
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE {}", db.name))
+            .await
+            .with_context(|| format!("creating database {}", db.name))?;
         Ok(db)
     }
 

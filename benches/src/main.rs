@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p steward-bench -- [--quick] [--json] [--duration 10m] \
-//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale] \
+//!     [--scenarios isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale,fleet] \
 //!     [--out benches/out]
 //! ```
 
@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use report::{Machine, ScenarioEntry, Target};
 use scenarios::{
-    failover, footprint, heartbeat, isolation, promotion, rescue, scale, throughput, worker,
+    failover, fleet, footprint, heartbeat, isolation, promotion, rescue, scale, throughput, worker,
 };
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -42,6 +42,7 @@ enum Scenario {
     Worker,
     Heartbeat,
     Scale,
+    Fleet,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,7 +83,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale"
+        default_value = "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale,fleet"
     )]
     scenarios: Vec<Scenario>,
     /// Where report.json, report.txt and distributions.svg go.
@@ -110,7 +111,7 @@ struct Args {
     /// Isolation: workload jobs per second. Default 500, quick 300.
     #[arg(long)]
     isolation_rate: Option<f64>,
-    /// Promotion: jobs per second enqueued. Default 2000.
+    /// Promotion and fleet (its busy queue): jobs per second enqueued. Default 2000.
     #[arg(long)]
     rate: Option<f64>,
     /// Promotion: jobs are due uniformly over this horizon. Default 60s, quick 10s.
@@ -126,7 +127,7 @@ struct Args {
     /// Throughput: repetitions per measurement (medians are reported). Default 5, quick 1.
     #[arg(long)]
     repeats: Option<u32>,
-    /// Failover: trials. Default 20, quick 5.
+    /// Failover: trials, default 20, quick 5. Fleet: SIGKILL trials, default 5, quick 1.
     #[arg(long)]
     trials: Option<u32>,
     /// Footprint: the measurement window. Default 60s, quick 5s.
@@ -181,6 +182,21 @@ struct Args {
     /// retries come due for the promoter.
     #[arg(long)]
     scale_dead_last_attempt: bool,
+    /// Fleet: queues (schemas) in the database. Default 100, quick 20.
+    #[arg(long)]
+    fleet_queues: Option<usize>,
+    /// Fleet: `steward run --discover` processes.
+    #[arg(long, default_value_t = 3)]
+    fleet_processes: usize,
+    /// Fleet: the idle window and each busy window (after --warmup). Default 60s, quick 3s.
+    #[arg(long, value_parser = parse_duration)]
+    fleet_window: Option<Duration>,
+    /// Fleet: cleanup backlog rows in each queue but the busy one. Default 100000, quick 20000.
+    #[arg(long)]
+    fleet_backlog_rows: Option<i64>,
+    /// Fleet: the processes' SLO pool size (`[fleet] slo_sessions`); default: the shipped one.
+    #[arg(long)]
+    fleet_slo_sessions: Option<usize>,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -223,6 +239,7 @@ struct Scenarios {
     worker: ScenarioEntry<worker::WorkerResult>,
     heartbeat: ScenarioEntry<heartbeat::HeartbeatResult>,
     scale: ScenarioEntry<scale::ScaleResult>,
+    fleet: ScenarioEntry<fleet::FleetResult>,
 }
 
 #[derive(Serialize)]
@@ -293,6 +310,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Scenario::Worker,
         Scenario::Heartbeat,
         Scenario::Scale,
+        Scenario::Fleet,
     ]
     .into_iter()
     .any(selected)
@@ -530,6 +548,36 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         scale_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
     }
 
+    let mut fleet_entry = ScenarioEntry::skipped();
+    if selected(Scenario::Fleet) {
+        let t = Instant::now();
+        let settings = fleet::Settings {
+            quick,
+            queues: args.fleet_queues.unwrap_or(pick(quick, 20, 100)),
+            processes: args.fleet_processes,
+            window: args.fleet_window.unwrap_or(pick(
+                quick,
+                Duration::from_secs(3),
+                Duration::from_secs(60),
+            )),
+            warmup,
+            horizon: warmup.min(Duration::from_secs(10)),
+            rate: args.rate.unwrap_or(2000.0),
+            backlog_rows: args
+                .fleet_backlog_rows
+                .unwrap_or(pick(quick, 20_000, 100_000)),
+            trials: args.trials.unwrap_or(pick(quick, 1, 5)),
+            settle: pick(quick, Duration::from_secs(1), Duration::from_secs(5)),
+            slo_sessions: args.fleet_slo_sessions,
+        };
+        let result = match &steward_bin {
+            Some(Ok(bin)) => fleet::run(&pg, bin, &settings).await,
+            Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no steward binary")),
+        };
+        fleet_entry = ScenarioEntry::from_result(result, t.elapsed().as_secs_f64());
+    }
+
     // The plot.
     let mut plots = Vec::new();
     let mut panels = Vec::new();
@@ -608,6 +656,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     flatten("worker", &worker_entry.targets);
     flatten("heartbeat", &heartbeat_entry.targets);
     flatten("scale", &scale_entry.targets);
+    flatten("fleet", &fleet_entry.targets);
 
     let failed = isolation_entry.is_error()
         || promotion_entry.is_error()
@@ -617,7 +666,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         || rescue_entry.is_error()
         || worker_entry.is_error()
         || heartbeat_entry.is_error()
-        || scale_entry.is_error();
+        || scale_entry.is_error()
+        || fleet_entry.is_error();
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         harness: "steward-bench".into(),
@@ -644,6 +694,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             worker: worker_entry,
             heartbeat: heartbeat_entry,
             scale: scale_entry,
+            fleet: fleet_entry,
         },
         targets,
         plots,
@@ -783,6 +834,7 @@ fn render(r: &Report) -> String {
     section(&mut out, "worker", &s.worker, worker::render);
     section(&mut out, "heartbeat", &s.heartbeat, heartbeat::render);
     section(&mut out, "scale", &s.scale, scale::render);
+    section(&mut out, "fleet", &s.fleet, fleet::render);
     if !r.targets.is_empty() {
         let passed = r.targets.iter().filter(|t| t.target.pass).count();
         let _ = writeln!(
@@ -808,7 +860,7 @@ mod tests {
         let args = Args::parse_from([
             "steward-bench",
             "--scenarios",
-            "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale",
+            "isolation,promotion,throughput,failover,footprint,rescue,worker,heartbeat,scale,fleet",
         ]);
         assert_eq!(
             args.scenarios,
@@ -822,6 +874,7 @@ mod tests {
                 Scenario::Worker,
                 Scenario::Heartbeat,
                 Scenario::Scale,
+                Scenario::Fleet,
             ]
         );
         let args = Args::parse_from(["steward-bench", "--scale-sizes", "1000000,3000000"]);

@@ -2,11 +2,11 @@
 //! ([`steward_workload::fleet`]), under the names the scenarios use.
 
 pub use steward_workload::fleet::{
-    clock_ticks, proc_stat, rss_kib, StewardProcess, ACQUIRED, FIRST_PASS, STANDING_BY,
+    clock_ticks, machine_cpu, proc_stat, rss_kib, StewardProcess, ACQUIRED, FIRST_PASS, STANDING_BY,
 };
 // The types of the driver's answers, for scenarios that name them.
 #[allow(unused_imports)]
-pub use steward_workload::fleet::{LogLine, ProcStat};
+pub use steward_workload::fleet::{LogLine, MachineCpu, ProcStat};
 
 use std::path::PathBuf;
 

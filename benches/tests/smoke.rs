@@ -1,7 +1,7 @@
 //! CI smoke test: `steward-bench --quick --json` against a real PostgreSQL. It checks the
 //! report's shape (every scenario ran and has every key, the SVG exists), never its timings.
 //!
-//! The failover, footprint, rescue, worker, heartbeat and scale scenarios need the `steward`
+//! The failover, footprint, rescue, worker, heartbeat, scale and fleet scenarios need the `steward`
 //! binary. This test builds it with `cargo build -p steward` (a no-op when `cargo test
 //! --workspace` has already built it) into the target directory this test runs from, and passes
 //! it with `--steward-bin`.
@@ -121,6 +121,7 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "worker",
         "heartbeat",
         "scale",
+        "fleet",
     ] {
         let entry = &scenarios[name];
         keys(
@@ -566,6 +567,134 @@ fn quick_run_reports_every_scenario_with_every_key() {
         "plain",
         &["rows", "batch_size", "seconds", "rows_per_s"],
     );
+
+    let fleet = &scenarios["fleet"]["result"];
+    keys(
+        fleet,
+        "fleet",
+        &[
+            "params",
+            "settle",
+            "idle",
+            "busy",
+            "backlog_seed_s",
+            "takeover",
+            "sessions_max",
+        ],
+    );
+    keys(
+        &fleet["params"],
+        "fleet params",
+        &[
+            "queues",
+            "processes",
+            "window_s",
+            "warmup_s",
+            "rate",
+            "backlog_rows_per_queue",
+            "trials",
+            "poll_interval_ms",
+            "slo_sessions",
+            "hygiene_sessions",
+            "steward_bin",
+        ],
+    );
+    keys(
+        &fleet["settle"],
+        "fleet settle",
+        &[
+            "all_led_s",
+            "settled_s",
+            "fair_share",
+            "cap",
+            "shares",
+            "sessions",
+        ],
+    );
+    assert_eq!(fleet["settle"]["shares"].as_array().unwrap().len(), 3);
+    keys(
+        &fleet["idle"],
+        "fleet idle",
+        &[
+            "window_s",
+            "processes",
+            "cpu_percent",
+            "cpu_percent_per_queue",
+            "rss_mib_total",
+            "db_backends",
+            "db_backend_cpu_percent",
+            "db_backend_cpu_percent_per_queue",
+            "sessions_max",
+            "machine_cpu_busy_percent",
+        ],
+    );
+    for process in fleet["idle"]["processes"].as_array().unwrap() {
+        keys(
+            process,
+            "fleet idle process",
+            &[
+                "instance",
+                "pid",
+                "queues",
+                "cpu_percent",
+                "cpu_percent_per_queue",
+                "rss_mib_mean",
+                "rss_mib_max",
+                "rss_mib_per_queue",
+                "threads",
+                "slo",
+            ],
+        );
+    }
+    let neighbours: Vec<&str> = fleet["busy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["neighbours"].as_str().unwrap())
+        .collect();
+    assert_eq!(neighbours, ["idle", "hygiene"]);
+    for busy in fleet["busy"].as_array().unwrap() {
+        keys(
+            busy,
+            "fleet busy",
+            &[
+                "schema",
+                "leader",
+                "leader_queues",
+                "leader_changed",
+                "window_s",
+                "achieved_rate",
+                "promotion_lag_ms",
+                "metrics_promotion_lag_ms",
+                "leader_slo",
+                "slo_overruns",
+                "backlog_rows_at_start",
+                "backlog_rows_left",
+                "cleanup_rows_per_s",
+                "backlog_queues_left_min_per_process",
+                "sessions_max",
+                "machine_cpu_busy_percent",
+                "workload",
+            ],
+        );
+        quantiles(&busy["promotion_lag_ms"], "fleet promotion_lag_ms");
+    }
+    let takeover = &fleet["takeover"];
+    keys(takeover, "fleet takeover", &["trials", "takeover_ms"]);
+    quantiles(&takeover["takeover_ms"], "fleet takeover_ms");
+    for trial in takeover["trials"].as_array().unwrap() {
+        keys(
+            trial,
+            "fleet trial",
+            &[
+                "victim",
+                "queues",
+                "released_ms",
+                "takeover_ms",
+                "resettled_s",
+            ],
+        );
+    }
 
     let svg = out.path().join("distributions.svg");
     let scale_svg = out.path().join("scale.svg");

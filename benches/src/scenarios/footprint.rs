@@ -42,7 +42,8 @@ pub async fn run(pg: &Pg, bin: &Path, s: &Settings) -> anyhow::Result<FootprintR
     result
 }
 
-async fn backend_pids(db: &crate::db::BenchDb) -> anyhow::Result<Vec<u32>> {
+/// The PostgreSQL backends of Steward's sessions in `db` (application_name `steward:...`).
+pub(crate) async fn backend_pids(db: &crate::db::BenchDb) -> anyhow::Result<Vec<u32>> {
     let client = db.client().await?;
     let rows = client
         .query(

@@ -2,6 +2,7 @@
 //! targets, and renders its human table.
 
 pub mod failover;
+pub mod fleet;
 pub mod footprint;
 pub mod heartbeat;
 pub mod isolation;

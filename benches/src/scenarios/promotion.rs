@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use steward_branches::BranchesConfig;
 use steward_leader::LeaderSettings;
+use steward_queue::Queue;
 use steward_worker::WorkerSettings;
 use steward_workload::{Stats as WorkloadStats, Timings, Workload, WorkloadConfig};
 
@@ -81,6 +82,25 @@ pub fn flow(rate: f64, producers: usize, workers: usize, horizon: Duration) -> W
         },
         ..WorkloadConfig::default()
     }
+}
+
+/// Starts [`flow`] at `rate` on `target`'s schema, its producers on a queue client of their
+/// own, with no prefill: jobs come due at the steady rate once `horizon` has passed, so the
+/// caller warms up for at least that long. Shared by the scale and fleet scenarios.
+pub async fn start_flow(
+    target: &steward_connection::Target,
+    rate: f64,
+    producers: usize,
+    workers: usize,
+    horizon: Duration,
+) -> anyhow::Result<Workload> {
+    let queue = Queue::new(
+        target
+            .named("steward-bench:workload")
+            .pool(producers + workers + 2)?,
+    );
+    let config = flow(rate, producers, workers, horizon);
+    Ok(Workload::start(queue, target, config).await?)
 }
 
 async fn run_on(

@@ -33,7 +33,8 @@ use steward_leader::{LeaderSettings, LoopMode};
 use steward_workload::{Stats as WorkloadStats, Workload};
 use tokio_postgres::Client;
 
-const BACKLOG_QUEUE: &str = "backlog";
+/// The job queue (inside the schema) of the cleanup backlog.
+pub(crate) const BACKLOG_QUEUE: &str = "backlog";
 const DEAD_QUEUE: &str = "dead_fleet";
 /// The SLO branches whose pass duration is compared across sizes.
 pub const SLO_BRANCHES: [&str; 4] = [
@@ -439,12 +440,14 @@ async fn start_flow(
     params: &Params,
     rate: f64,
 ) -> anyhow::Result<Workload> {
-    let queue = db.queue(
-        params.producers + params.workers + 2,
-        "steward-bench:workload",
-    )?;
-    let config = super::promotion::flow(rate, params.producers, params.workers, s.horizon);
-    Ok(Workload::start(queue, &db.target()?, config).await?)
+    super::promotion::start_flow(
+        &db.target()?,
+        rate,
+        params.producers,
+        params.workers,
+        s.horizon,
+    )
+    .await
 }
 
 async fn start_leader(
@@ -850,8 +853,9 @@ async fn mass_rescue(
 }
 
 /// Completed jobs of the backlog queue finalized two to three days ago: past the default
-/// 24-hour retention.
-async fn insert_backlog(client: &Client, rows: i64) -> anyhow::Result<()> {
+/// 24-hour retention. Into the `jobs` of `client`'s `search_path` (the fleet scenario seeds
+/// many schemas this way).
+pub(crate) async fn insert_backlog(client: &Client, rows: i64) -> anyhow::Result<()> {
     if rows <= 0 {
         return Ok(());
     }
@@ -869,6 +873,20 @@ async fn insert_backlog(client: &Client, rows: i64) -> anyhow::Result<()> {
         )
         .await
         .context("seeding the cleanup backlog")?;
+    Ok(())
+}
+
+/// Creates the archive partitions of the backlog's days, in `client`'s `search_path` (catalog
+/// only), so that cleanup never stops to create one during a timed window.
+pub(crate) async fn create_backlog_partitions(client: &Client) -> anyhow::Result<()> {
+    client
+        .execute(
+            "SELECT create_archive_partition(d::date)
+             FROM generate_series(current_date - 5, current_date, interval '1 day') d",
+            &[],
+        )
+        .await
+        .context("creating archive partitions")?;
     Ok(())
 }
 
@@ -920,14 +938,7 @@ async fn hygiene(
     ));
     // The archive partitions of the backlog's days exist before any timed work (catalog only),
     // so that cleanup and the plain statement move rows into the same tables.
-    client
-        .execute(
-            "SELECT create_archive_partition(d::date)
-             FROM generate_series(current_date - 5, current_date, interval '1 day') d",
-            &[],
-        )
-        .await
-        .context("creating archive partitions")?;
+    create_backlog_partitions(client).await?;
     let started = Instant::now();
     insert_backlog(client, s.backlog_rows).await?;
     let seed_s = started.elapsed().as_secs_f64();

@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use steward_connection::{SchemaName, Target};
 use steward_leader::status::{BranchStatus, Status};
+use steward_workload::metrics::{self, Buckets};
 use tokio_postgres::Client;
 
 /// The promotion-lag histogram on the leader's `/metrics`.
-const PROMOTION_LAG_BUCKET: &str = "steward_promotion_lag_seconds_bucket";
+const PROMOTION_LAG: &str = "steward_promotion_lag_seconds";
 
 /// How far back the live view's promotion lag looks.
 pub const LAG_WINDOW: Duration = Duration::from_secs(10);
@@ -82,99 +83,21 @@ pub struct PromotionLag {
     pub over: Duration,
 }
 
-/// Cumulative bucket counts by upper bound (ascending, `+Inf` last).
-type Buckets = Vec<(f64, f64)>;
-
 /// The promotion-lag buckets in a Prometheus exposition, or `None` when it has none yet (the
 /// histogram appears with the first promotion).
 pub fn lag_buckets(exposition: &str) -> Option<Buckets> {
-    let mut buckets: Buckets = Vec::new();
-    for line in exposition.lines() {
-        let Some(rest) = line.strip_prefix(PROMOTION_LAG_BUCKET) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
-            continue;
-        };
-        let Some(le) = labels
-            .split(',')
-            .find_map(|pair| pair.trim().strip_prefix("le=\""))
-            .map(|v| v.trim_end_matches('"'))
-        else {
-            continue;
-        };
-        let le = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            match le.parse::<f64>() {
-                Ok(le) => le,
-                Err(_) => continue,
-            }
-        };
-        let Ok(count) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        // Series differing in other labels are summed per bound.
-        match buckets.iter_mut().find(|(bound, _)| *bound == le) {
-            Some((_, total)) => *total += count,
-            None => buckets.push((le, count)),
-        }
-    }
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    (!buckets.is_empty()).then_some(buckets)
-}
-
-/// `later - earlier` per bound (a bound missing from `earlier` counts from 0); `None` when a
-/// count went down (another process, or a restart).
-fn bucket_delta(later: &Buckets, earlier: &Buckets) -> Option<Buckets> {
-    later
-        .iter()
-        .map(|(le, count)| {
-            let before = earlier
-                .iter()
-                .find(|(bound, _)| bound == le)
-                .map_or(0.0, |(_, c)| *c);
-            (count >= &before).then_some((*le, count - before))
-        })
-        .collect()
-}
-
-/// The `q` quantile of cumulative buckets, interpolated linearly within the bucket it falls
-/// in, as `histogram_quantile` does: the lowest bucket starts at 0, and a quantile in the
-/// `+Inf` bucket is the highest finite bound.
-pub fn quantile(q: f64, buckets: &Buckets) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut previous = (0.0, 0.0);
-    for &(le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(previous.0);
-            }
-            if count == previous.1 {
-                return Some(le);
-            }
-            return Some(
-                previous.0 + (le - previous.0) * (rank - previous.1) / (count - previous.1),
-            );
-        }
-        previous = (le, count);
-    }
-    Some(previous.0)
+    metrics::buckets(exposition, PROMOTION_LAG, |_| true)
 }
 
 /// Promotion lag over the samples' span: newest minus oldest.
 fn lag_over(samples: &VecDeque<LagSample>) -> Option<PromotionLag> {
     let (first, last) = (samples.front()?, samples.back()?);
-    let delta = bucket_delta(&last.buckets, &first.buckets)?;
+    let delta = metrics::delta(&last.buckets, &first.buckets)?;
     let jobs = delta.last().map_or(0.0, |(_, c)| *c);
     Some(PromotionLag {
         jobs: jobs as u64,
-        p50: quantile(0.5, &delta),
-        p99: quantile(0.99, &delta),
+        p50: metrics::quantile(0.5, &delta),
+        p99: metrics::quantile(0.99, &delta),
         over: last.at.duration_since(first.at),
     })
 }
@@ -185,27 +108,6 @@ struct LagSample {
     at: Instant,
     pid: u32,
     buckets: Buckets,
-}
-
-/// GET `/metrics` from `addr` (HTTP/1.0: the server closes the connection after the body).
-async fn scrape(addr: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let response = String::from_utf8(response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
-    };
-    tokio::time::timeout(SCRAPE_TIMEOUT, fetch)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// A branch's counters summed over every instance that led during the demo.
@@ -263,7 +165,8 @@ impl Monitor {
         let addr = self.metrics_addrs.get(&pid)?.clone();
         let now = Instant::now();
         // No promotion yet: no histogram, which is an empty one.
-        let buckets = lag_buckets(&scrape(&addr).await?).unwrap_or_default();
+        let buckets =
+            lag_buckets(&metrics::scrape(&addr, SCRAPE_TIMEOUT).await?).unwrap_or_default();
         self.lag_samples.push_back(LagSample {
             at: now,
             pid,
@@ -406,26 +309,6 @@ steward_maintenance_branch_duration_seconds_bucket{schema=\"steward\",branch=\"x
             ]
         );
         assert_eq!(lag_buckets("steward_leader 1\n"), None);
-    }
-
-    #[test]
-    fn quantiles_interpolate_within_buckets_like_histogram_quantile() {
-        let buckets = lag_buckets(SCRAPE).unwrap();
-        // rank 50 is the top of the 1-2 ms bucket; rank 99 is 90% into the 5-10 ms bucket.
-        let p50 = quantile(0.5, &buckets).unwrap();
-        assert!((p50 - 0.002).abs() < 1e-12, "{p50}");
-        let p99 = quantile(0.99, &buckets).unwrap();
-        assert!((p99 - 0.0095).abs() < 1e-12, "{p99}");
-        // In the lowest bucket, from 0.
-        let p05 = quantile(0.05, &buckets).unwrap();
-        assert!((p05 - 0.0005).abs() < 1e-12, "{p05}");
-        // Beyond the highest finite bound: that bound.
-        let over = vec![(0.001, 1.0), (f64::INFINITY, 10.0)];
-        assert_eq!(quantile(0.99, &over), Some(0.001));
-        assert_eq!(
-            quantile(0.5, &vec![(0.001, 0.0), (f64::INFINITY, 0.0)]),
-            None
-        );
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub const WEDGE_TAKEOVER: &str =
     "the leader has made no progress; ending its sessions to take over";
 /// The line saying where a process serves /metrics (field `addr`).
 pub const SERVING_METRICS: &str = "serving /metrics";
+/// The first line of a fleet process (`steward run` with a list of queues), with its instance
+/// name (field `instance`).
+pub const FLEET_STARTING: &str = "steward starting as a fleet process";
 
 /// Raw lines kept per process for error messages.
 const TAIL: usize = 200;
@@ -230,6 +233,13 @@ impl StewardProcess {
     pub fn metrics_addr(&self) -> Option<String> {
         self.find(|l| l.message().starts_with(SERVING_METRICS))
             .and_then(|l| l.field_str("addr").map(str::to_owned))
+    }
+
+    /// A fleet process's instance name (the `<instance>` of its sessions'
+    /// `steward:<instance>:<role>`), once it has said so.
+    pub fn fleet_instance(&self) -> Option<String> {
+        self.find_message(FLEET_STARTING)
+            .and_then(|l| l.field_str("instance").map(str::to_owned))
     }
 
     /// The exit status, if the process has exited.
@@ -468,6 +478,42 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
+/// The whole machine's CPU time in clock ticks, from the first line of /proc/stat: busy (all
+/// but idle and iowait) and total, over every core.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    pub busy: u64,
+    pub total: u64,
+}
+
+impl MachineCpu {
+    /// The share of the machine's CPU (every core) that was busy since `earlier`, in percent.
+    pub fn busy_percent_since(&self, earlier: &MachineCpu) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        (total > 0).then(|| busy as f64 / total as f64 * 100.0)
+    }
+}
+
+pub fn machine_cpu() -> Option<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already counted in
+    // user and nice].
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some(MachineCpu {
+        busy: total.saturating_sub(idle),
+        total,
+    })
+}
+
 /// Resident set size in KiB, from /proc/<pid>/status.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -571,5 +617,8 @@ mod tests {
         let stat = proc_stat(std::process::id()).expect("/proc/self/stat");
         assert!(stat.threads >= 1);
         assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+        let cpu = machine_cpu().expect("/proc/stat");
+        assert!(cpu.total >= cpu.busy && cpu.total > 0);
+        assert_eq!(cpu.busy_percent_since(&cpu), None);
     }
 }

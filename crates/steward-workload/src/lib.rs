@@ -10,10 +10,13 @@
 //!   told happened, for a consumer to report or to check against the database.
 //! - [`fleet`]: `steward run` processes: spawned with JSON logs, their lines collected with the
 //!   time each was written, signalled, and read from /proc.
-//! - [`queues`]: many queues in one database: migrating them, and who leads each.
+//! - [`queues`]: many queues in one database: migrating them, who leads each, and how the
+//!   queues of a killed process are taken over.
+//! - [`metrics`]: a process's `/metrics` read back: histogram buckets and their quantiles.
 
 pub mod behaviour;
 pub mod fleet;
+pub mod metrics;
 pub mod queues;
 mod rng;
 pub mod workload;

@@ -1,10 +1,12 @@
 //! Many queues (schemas) in one database, as the fleet suite, the fleet benchmark and the demo
-//! set them up and watch them: migrating a batch of schemas, and reading who leads each one from
-//! the lock table, independently of what the processes say about themselves.
+//! set them up and watch them: migrating a batch of schemas, reading who leads each one from
+//! the lock table, independently of what the processes say about themselves, and timing how
+//! the queues of a killed process are taken over.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// The session holding each queue's leadership lock (`steward.leader.<schema>`), by schema:
@@ -94,4 +96,65 @@ pub fn migrate(steward: &Path, url: &str, schemas: &[String]) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+/// How the queues of a killed process were taken over, each time counted from the kill to the
+/// first poll that saw it.
+#[derive(Debug, Clone)]
+pub struct Takeover {
+    /// Per queue (schema): until another instance held its lock.
+    pub taken: BTreeMap<String, Duration>,
+    /// Until the killed instance held none of them (its backend had exited), when seen.
+    pub released: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("reading the lock table: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{taken} of {of} queues were led again within {within:?}")]
+    Timeout {
+        taken: usize,
+        of: usize,
+        within: Duration,
+    },
+}
+
+/// Reads who leads `orphans` every `every` from `killed` until another instance than `victim`
+/// holds each of them, for at most `within`. A time is that of the poll that saw the change
+/// (the lock was taken at most one poll and one read of the lock table earlier), so the
+/// resolution is `every` plus the read.
+pub async fn await_takeover(
+    client: &Client,
+    orphans: &[String],
+    victim: &str,
+    killed: Instant,
+    every: Duration,
+    within: Duration,
+) -> Result<Takeover, TakeoverError> {
+    let mut taken = BTreeMap::new();
+    let mut released = None;
+    while taken.len() < orphans.len() {
+        if killed.elapsed() > within {
+            return Err(TakeoverError::Timeout {
+                taken: taken.len(),
+                of: orphans.len(),
+                within,
+            });
+        }
+        let now = leaders(client, orphans).await?;
+        let seen = killed.elapsed();
+        if released.is_none() && now.values().all(|leader| leader != victim) {
+            released = Some(seen);
+        }
+        for schema in orphans {
+            if now.get(schema).is_some_and(|leader| leader != victim) {
+                taken.entry(schema.clone()).or_insert(seen);
+            }
+        }
+        if taken.len() < orphans.len() {
+            tokio::time::sleep(every).await;
+        }
+    }
+    Ok(Takeover { taken, released })
 }
