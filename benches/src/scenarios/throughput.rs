@@ -285,14 +285,7 @@ async fn run_on(db: &BenchDb, s: &Settings) -> anyhow::Result<(ThroughputResult,
     let mut client = db.client().await?;
     // The archive partitions of the seeded days exist before any timed run (catalog only), so
     // that cleanup and its plain statement move rows into the same tables.
-    client
-        .execute(
-            "SELECT create_archive_partition(d::date)
-             FROM generate_series(current_date - 5, current_date, interval '1 day') d",
-            &[],
-        )
-        .await
-        .context("creating archive partitions")?;
+    super::scale::create_backlog_partitions(&client).await?;
     // Every timed run starts from an explicit VACUUM and CHECKPOINT (`settle`); a background
     // autovacuum of the last run's dead rows would land in some timed runs and not others.
     client
