@@ -356,7 +356,13 @@ fn a_wedged_process_loses_its_queues_and_takes_its_share_back_when_resumed() {
         "the other process to lead all 10 queues",
         Duration::from_secs(60),
         || leaders().values().filter(|l| **l == names[1]).count() == 10,
-        || format!("{:?}", queues::counts(&leaders())),
+        || {
+            format!(
+                "{:?}\nthe other process's output:\n{}",
+                queues::counts(&leaders()),
+                fleet[1].raw_output()
+            )
+        },
     );
     fleet[1].wait_for("ended the wedged leader's sessions", Duration::from_secs(5));
     wedged.signal("CONT");
@@ -441,4 +447,56 @@ fn a_queues_promoter_does_not_wait_for_other_queues_hygiene() {
         eprintln!("attempt {attempt}: the blocked statements changed meanwhile; again");
     }
     panic!("no promotion within a window of both hygiene sessions blocked");
+}
+
+/// A process that wedges between winning a queue's lock and starting its term leaves no
+/// progress mark to go stale. A session named as a fleet session that holds a queue's lock and
+/// never opens a term looks exactly like that to the others, which take the queue over after
+/// the wedge timeout.
+#[test]
+fn a_lock_held_without_a_term_is_taken_over_after_the_wedge_timeout() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let url = db.url();
+    let tenant = schema_names(1);
+    queues::migrate(Path::new(STEWARD), &url, &tenant).unwrap();
+    let stuck = runtime.block_on(async {
+        let client = db.client().await;
+        client
+            .batch_execute(
+                "SET application_name = 'steward:stuck-1-0000:fleet';
+                 SELECT pg_advisory_lock(hashtextextended('steward.leader.tenant_001', 0))",
+            )
+            .await
+            .unwrap();
+        client
+    });
+    let all = vec![tenant[0].clone(), db.schema().to_string()];
+    let process = Steward::spawn(&url, &["--discover", "--set", "leader.wedge_timeout=4s"]);
+    let instance = process
+        .wait_for(
+            "steward starting as a fleet process",
+            Duration::from_secs(30),
+        )
+        .field_str("instance")
+        .map(str::to_owned)
+        .unwrap();
+    let client = runtime.block_on(db.client());
+    wait_until_explained(
+        "the queue held without a term to be taken over",
+        Duration::from_secs(60),
+        || {
+            let leaders = runtime.block_on(queues::leaders(&client, &all)).unwrap();
+            leaders.len() == 2 && leaders.values().all(|l| *l == instance)
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                runtime.block_on(queues::leaders(&client, &all)).unwrap(),
+                process.raw_output()
+            )
+        },
+    );
+    assert!(stuck.is_closed() || runtime.block_on(stuck.simple_query("SELECT 1")).is_err());
+    process.wait_for("ended the wedged leader's sessions", Duration::from_secs(5));
 }

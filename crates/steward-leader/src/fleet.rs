@@ -247,6 +247,7 @@ impl Fleet {
                 pinning_checked: false,
                 unresponsive: false,
                 leaders: BTreeMap::new(),
+                termless: HashMap::new(),
             };
             actors.spawn(actor.run(shutdown.clone()));
         }
@@ -323,6 +324,9 @@ struct DatabaseActor {
     unresponsive: bool,
     /// The last round's view: the fleet process leading each queue a fleet process leads.
     leaders: BTreeMap<String, String>,
+    /// Queues another fleet process holds the lock of without an open term there, with that
+    /// process and since when this one has seen it so (see `watch_for_wedged`).
+    termless: HashMap<String, (String, Instant)>,
 }
 
 impl DatabaseActor {
@@ -873,15 +877,18 @@ impl DatabaseActor {
     /// be taken over (its process is stuck, not one queue).
     async fn watch_for_wedged(&mut self, client: &mut Client) -> Result<(), String> {
         let me = self.instance.name().to_owned();
-        let watched: Vec<&str> = self
+        let holders: BTreeMap<String, String> = self
             .leaders
             .iter()
             .filter(|(_, leader)| leader.as_str() != me)
-            .map(|(schema, _)| schema.as_str())
+            .map(|(schema, leader)| (schema.clone(), leader.clone()))
             .collect();
-        if watched.is_empty() {
+        self.termless
+            .retain(|schema, (holder, _)| holders.get(schema) == Some(holder));
+        if holders.is_empty() {
             return Ok(());
         }
+        let watched: Vec<&str> = holders.keys().map(String::as_str).collect();
         let progress = progress_of(&watched);
         let rows = self
             .bounded(
@@ -889,17 +896,35 @@ impl DatabaseActor {
                 client.query(&progress, &[]),
             )
             .await?;
-        let mut ended = HashSet::new();
+        let timeout = self.settings.wedge_timeout;
+        let mut wedged: BTreeMap<String, (String, i64, f64)> = BTreeMap::new();
         for row in rows {
-            let (schema, epoch, instance, age): (String, i64, String, Option<f64>) =
+            let (schema, epoch, instance, age): (String, i64, Option<String>, Option<f64>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
-            if instance == me
-                || age.is_none_or(|age| age < self.settings.wedge_timeout.as_secs_f64())
-                || !ended.insert(instance.clone())
-            {
+            let Some(holder) = holders.get(&schema) else {
                 continue;
+            };
+            let stalled = if instance.as_ref() == Some(holder) {
+                self.termless.remove(&schema);
+                age.unwrap_or_default()
+            } else {
+                // The holder has the lock but no open term here: a process that wedged between
+                // winning the lock and starting its term makes no progress mark to go stale, so
+                // the time since the lock was first seen without a term stands in for it.
+                let (_, since) = self
+                    .termless
+                    .entry(schema.clone())
+                    .or_insert_with(|| (holder.clone(), Instant::now()));
+                since.elapsed().as_secs_f64()
+            };
+            if stalled >= timeout.as_secs_f64() {
+                wedged
+                    .entry(holder.clone())
+                    .or_insert((schema, epoch, stalled));
             }
-            tracing::warn!(schema = %schema, epoch, %instance, stalled_secs = age, "the leader has made no progress; ending its sessions to take over");
+        }
+        for (instance, (schema, epoch, stalled)) in wedged {
+            tracing::warn!(schema = %schema, epoch, %instance, stalled_secs = stalled, "the leader has made no progress; ending its sessions to take over");
             let pattern = format!("steward:{}:%", like_escape(&instance));
             match client.query_one(TERMINATE_INSTANCE, &[&pattern]).await {
                 Ok(row) => {
@@ -1105,18 +1130,19 @@ async fn end_term(client: &mut Client, schema: &str, epoch: i64) {
     }
 }
 
-/// One statement reading the progress of every leader of `schemas` (validated identifiers,
-/// quoted all the same): the schema, epoch, instance and seconds since its last progress mark.
-/// Database clock on both sides. Primary key of each one-row `leader` table.
+/// One statement reading the leader row of every queue of `schemas` (validated identifiers,
+/// quoted all the same): the schema, epoch, the instance whose term is open (NULL when none is)
+/// and seconds since its last progress mark. Database clock on both sides. Primary key of each
+/// one-row `leader` table.
 fn progress_of(schemas: &[&str]) -> String {
     schemas
         .iter()
         .map(|schema| {
             format!(
-                "SELECT '{schema}'::text, epoch, instance, \
+                "SELECT '{schema}'::text, epoch, \
+                 CASE WHEN resigned_at IS NULL THEN instance END, \
                  extract(epoch FROM clock_timestamp() - last_progress_at)::float8 \
-                 FROM \"{schema}\".leader \
-                 WHERE id = 1 AND instance IS NOT NULL AND resigned_at IS NULL"
+                 FROM \"{schema}\".leader WHERE id = 1"
             )
         })
         .collect::<Vec<_>>()
