@@ -140,6 +140,13 @@ fn fifty_queues_on_three_processes_are_shared_out_and_taken_over() {
             )),
             "{body}"
         );
+        assert!(
+            body.contains(&format!(
+                "steward_fleet_processes{{database=\"{}\"}} 3",
+                db.name()
+            )),
+            "{body}"
+        );
         let (status, body) = process.get("/leader");
         assert_eq!(status, 200, "{body}");
         let leader: serde_json::Value = serde_json::from_str(&body).unwrap();
