@@ -537,17 +537,14 @@ impl DatabaseActor {
         for row in &rows {
             let schema: String = row.get(0);
             let holder: Option<String> = row.get(1);
-            match holder.as_deref() {
+            match holder.as_deref().map(|h| instance_of(h, "fleet")) {
                 // Led by a process of the fleet (this one included).
-                Some(holder) if instance_of(holder, "fleet").is_some() => {
-                    leaders.insert(
-                        schema.clone(),
-                        instance_of(holder, "fleet").unwrap_or_default(),
-                    );
+                Some(Some(instance)) => {
+                    leaders.insert(schema.clone(), instance);
                 }
                 // Led by a single-queue `steward run` (or anything else holding the lock): not
                 // the fleet's to share.
-                Some(_) => {
+                Some(None) => {
                     if let Some(q) = self.queues.get_mut(&schema) {
                         q.unled_since = None;
                     }
@@ -668,7 +665,8 @@ impl DatabaseActor {
         let started = async {
             let tx = client.transaction().await?;
             tx.batch_execute(&format!(
-                "SET LOCAL search_path = \"{schema}\"; SET LOCAL lock_timeout = '{START_TERM_LOCK_TIMEOUT}'"
+                "{}; SET LOCAL lock_timeout = '{START_TERM_LOCK_TIMEOUT}'",
+                in_schema(schema)
             ))
             .await?;
             let epoch: i64 = tx
@@ -975,8 +973,7 @@ impl DatabaseActor {
         for schema in self.queues.keys() {
             let refreshed = async {
                 let tx = client.transaction().await?;
-                tx.batch_execute(&format!("SET LOCAL search_path = \"{schema}\""))
-                    .await?;
+                tx.batch_execute(&in_schema(schema)).await?;
                 registration.refresh(&tx).await?;
                 tx.commit().await
             };
@@ -1016,8 +1013,7 @@ impl DatabaseActor {
         for schema in self.queues.keys() {
             let withdrawn = async {
                 let tx = client.transaction().await?;
-                tx.batch_execute(&format!("SET LOCAL search_path = \"{schema}\""))
-                    .await?;
+                tx.batch_execute(&in_schema(schema)).await?;
                 tx.execute(WITHDRAW, &[&self.instance.registration().instance])
                     .await?;
                 tx.commit().await
@@ -1102,6 +1098,12 @@ enum ConnectFailure {
     Retry(String),
 }
 
+/// Points the fleet session's current transaction at the queue `schema` (a validated
+/// identifier, quoted all the same): the fleet session serves every queue of its database.
+fn in_schema(schema: &str) -> String {
+    format!("SET LOCAL search_path = \"{schema}\"")
+}
+
 /// Releases the queue's lock on the fleet session.
 async fn release(client: &Client, schema: &str) -> Result<(), String> {
     client
@@ -1116,8 +1118,7 @@ async fn release(client: &Client, schema: &str) -> Result<(), String> {
 async fn end_term(client: &mut Client, schema: &str, epoch: i64) {
     let ended = async {
         let tx = client.transaction().await?;
-        tx.batch_execute(&format!("SET LOCAL search_path = \"{schema}\""))
-            .await?;
+        tx.batch_execute(&in_schema(schema)).await?;
         tx.execute(END_TERM, &[&epoch, &"stepped_down"]).await?;
         tx.commit().await
     };
