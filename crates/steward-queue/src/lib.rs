@@ -107,6 +107,9 @@ pub struct HeartbeatReport {
     /// Still held, but another transaction held the row (its completion, a rescuer deciding):
     /// not renewed this time, to be tried again.
     pub busy: Vec<Lease>,
+    /// Parked on a callback under this lease by its own handler, whose park committed before
+    /// the worker heard back: no longer heartbeated, and not lost either.
+    pub parked: Vec<Lease>,
     /// Rescued, cancelled, finished or claimed again: the run is no longer this lease's.
     pub lost: Vec<Lease>,
 }
@@ -125,10 +128,14 @@ pub async fn heartbeat_leases(
         [(&ids, Type::INT8_ARRAY), (&runs, Type::INT8_ARRAY)];
     for row in client.query_typed(sql::HEARTBEAT_MANY, &params).await? {
         let lease = Lease::from_row(&row);
-        match (row.get::<_, bool>(2), row.get::<_, bool>(3)) {
+        let held = row
+            .get::<_, Option<&str>>(3)
+            .and_then(|state| state.parse::<JobState>().ok());
+        match (row.get::<_, bool>(2), held) {
             (true, _) => report.renewed.push(lease),
-            (false, true) => report.busy.push(lease),
-            (false, false) => report.lost.push(lease),
+            (false, Some(JobState::Running)) => report.busy.push(lease),
+            (false, Some(JobState::WaitingExternal)) => report.parked.push(lease),
+            (false, _) => report.lost.push(lease),
         }
     }
     Ok(report)

@@ -79,8 +79,8 @@ WHERE id = $1 AND run_lease = $2 AND state = 'running'";
 
 /// Heartbeat of many runs at once, never waiting for a row lock: a run whose row another
 /// transaction holds (its own completion, a rescuer deciding) is skipped this time. One row per
-/// lease: renewed, and still held (running under that lease, as of the statement's snapshot; a
-/// run neither renewed nor held is lost). Primary key.
+/// lease: renewed, and the state the job has under that lease as of the statement's snapshot
+/// (NULL when it has another lease or none). Primary key.
 pub const HEARTBEAT_MANY: &str = "
 WITH l AS (
     SELECT * FROM unnest($1::int8[], $2::int8[]) AS l(id, lease)
@@ -95,8 +95,7 @@ WITH l AS (
 )
 SELECT l.id, l.lease,
        EXISTS (SELECT FROM renewed r WHERE r.id = l.id AND r.run_lease = l.lease),
-       EXISTS (SELECT FROM jobs j
-               WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running')
+       (SELECT j.state::text FROM jobs j WHERE j.id = l.id AND j.run_lease = l.lease)
 FROM l";
 
 /// Complete many runs in one statement, each guarded by its lease; returns the runs completed

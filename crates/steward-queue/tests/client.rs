@@ -182,6 +182,39 @@ async fn heartbeat_and_complete() {
     );
 }
 
+/// A run its own handler parked is reported parked, not lost: the worker must not cancel a
+/// handler whose park committed before it heard back. A callback resolved since is lost.
+#[tokio::test]
+async fn a_heartbeat_reports_a_run_parked_under_its_lease_as_parked_not_lost() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    q.enqueue(&NewJob::new("k")).await.unwrap();
+    q.enqueue(&NewJob::new("k")).await.unwrap();
+    let running = claim_one(&q, "default").await;
+    let parking = claim_one(&q, "default").await;
+    let callback = q
+        .wait_for_callback(parking.lease, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let client = db.client().await;
+    let report = steward_queue::heartbeat_leases(&client, &[running.lease, parking.lease])
+        .await
+        .unwrap();
+    assert_eq!(report.renewed, vec![running.lease]);
+    assert_eq!(report.parked, vec![parking.lease]);
+    assert!(
+        report.lost.is_empty() && report.busy.is_empty(),
+        "{report:?}"
+    );
+    q.resolve_callback(callback, steward_queue::Resolution::Complete)
+        .await
+        .unwrap();
+    let report = steward_queue::heartbeat_leases(&client, &[parking.lease])
+        .await
+        .unwrap();
+    assert_eq!(report.lost, vec![parking.lease]);
+}
+
 #[tokio::test]
 async fn fail_retries_with_backoff_then_fails_when_attempts_are_exhausted() {
     let db = TestDb::new().await;

@@ -268,6 +268,90 @@ async fn a_run_rescued_under_its_job_cancels_it_within_an_interval_and_its_compl
     worker.shutdown().await;
 }
 
+/// A park commits before its handler hears back (the answer is still on the wire) and a
+/// heartbeat flush reads the row in between: the run is parked under its own lease, not lost,
+/// so the flush must not cancel it. Cancelling drops the handler with the callback id it was
+/// about to pass on, and the job then waits out its callback timeout for nothing.
+#[tokio::test]
+async fn a_flush_between_a_park_and_its_answer_does_not_cancel_the_run() {
+    let db = TestDb::new().await;
+    let (parked_tx, mut parked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let go = CancellationToken::new();
+    let target = db.target().clone();
+    let handler_go = go.clone();
+    let worker = Worker::builder(db.target().clone())
+        .queue("default", 2)
+        .handler("park", move |_job, ctx| {
+            let (target, parked_tx, go) = (target.clone(), parked_tx.clone(), handler_go.clone());
+            async move {
+                // The park as it commits on the server, its answer not yet seen by the worker.
+                let lease = ctx.lease();
+                let client = target.connect().await.unwrap();
+                client
+                    .query_one(
+                        steward_queue::sql::WAIT_FOR_CALLBACK,
+                        &[&lease.job_id, &lease.run_lease, &3_600_000.0f64],
+                    )
+                    .await
+                    .unwrap();
+                let at: chrono::DateTime<chrono::Utc> = client
+                    .query_one("SELECT clock_timestamp()", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                parked_tx.send((at, ctx.cancellation().clone())).unwrap();
+                go.cancelled().await;
+                Ok(Done::Complete)
+            }
+        })
+        .handler("long", |_job, _ctx| async move {
+            std::future::pending::<()>().await;
+            Ok(Done::Complete)
+        })
+        .settings(settings())
+        .start()
+        .await
+        .unwrap();
+    let queue = worker.queue().clone();
+    let long = queue.enqueue(&NewJob::new("long")).await.unwrap().id();
+    wait_running(&queue, long).await;
+    let parked = queue.enqueue(&NewJob::new("park")).await.unwrap().id();
+    let (parked_at, cancellation) = tokio::time::timeout(Duration::from_secs(30), parked_rx.recv())
+        .await
+        .expect("the handler to park")
+        .unwrap();
+    // Two flushes whose statements began after the park committed (the long job's
+    // heartbeat_at, the flush's now(), passes it twice): the first one's verdict on the parked
+    // run has been acted on before the second one runs.
+    let mut after = parked_at;
+    for flush in [
+        "a first flush after the park",
+        "a second flush after the park",
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match state_of(&queue, long).await.heartbeat_at {
+                Some(at) if at > after => {
+                    after = at;
+                    break;
+                }
+                _ => assert!(Instant::now() < deadline, "timed out waiting for {flush}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        !cancellation.is_cancelled(),
+        "a heartbeat flush cancelled the run parked under its own lease"
+    );
+    go.cancel();
+    assert_eq!(
+        state_of(&queue, parked).await.state,
+        JobState::WaitingExternal
+    );
+    worker.shutdown().await;
+}
+
 /// Runs one long job on `worker` (on `queue`) for `span`, applying `disturb` once it runs, and
 /// returns the largest gap between two of its heartbeats and how many heartbeats it had.
 async fn heartbeats_while<F, Fut>(
