@@ -280,8 +280,13 @@ impl LoopTask {
             let slot = &mut slots[index];
             let pass = match &mut conn.client {
                 LoopClient::Own { client, target } => self.pass(slot, due, client, target).await,
-                // Waiting for a pooled session counts in the pass's start delay.
-                LoopClient::Shared(pool) => match pool.get().await {
+                // Waiting for a pooled session counts in the pass's start delay. A loop still
+                // waiting when its term ends stops at once: no pass of it has begun, and on a
+                // dead path the wait would last until the term gives up on it.
+                LoopClient::Shared(pool) => match tokio::select! {
+                    got = pool.get() => got,
+                    _ = self.stop.stopped() => return LoopExit::Stopped,
+                } {
                     Ok(mut pooled) => {
                         let pass = self.pass(slot, due, &mut pooled, &pool.target).await;
                         if pass.is_none() {
