@@ -16,6 +16,8 @@
 //! | `outage_longer_than_the_staleness_rescues_only_runs_their_workers_gave_up` | server down 6 s > staleness 3 s (private cluster) | runs given up and rescued, none rescued from a worker still holding it |
 //! | `two_instances_running_every_branch_at_once_double_nothing` | both instances run every branch at the same instant | work per instance, doubles found |
 //! | `soak_mixed_load_keeps_memory_and_connections_flat` | nothing: load for `STEWARD_CHAOS_SOAK` (default 60 s) | RSS and sessions over time |
+//! | `fleet_network_cut_server_drops_the_old_sessions_by_keepalive` | a fleet process's TCP path black-holed (proxy + iptables); four queues on two processes | queues given up ms, takeover ms, late commits per queue |
+//! | `fleet_network_cut_half_open_the_other_process_takes_over_by_wedge_detection` | the same, proxy only | the same |
 //!
 //! `cargo test -p steward --test chaos -- --nocapture` shows the numbers. The soak runs for
 //! 60 s unless `STEWARD_CHAOS_SOAK` gives a duration (e.g. `30m`).
@@ -999,4 +1001,263 @@ fn soak_mixed_load_keeps_memory_and_connections_flat() {
     );
     assert_eq!(terms, 1, "leadership changed during the soak");
     assert_no_panic(&mut [("leader", &mut leader), ("standby", &mut standby)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A fleet process's network path cut
+// ---------------------------------------------------------------------------------------------
+
+/// The same cuts as scenario 3, for a fleet (ADR 0003): fleet process A reaches PostgreSQL
+/// through the proxy, B directly, and they share four queues. When A's path goes dark, A gives
+/// up every queue it led and runs no branch after; B leads all four (by the server dropping
+/// A's sessions, or by wedge detection on a half-open path); and in each queue A led, nothing
+/// A committed lands after B's term there began.
+#[test]
+fn fleet_network_cut_server_drops_the_old_sessions_by_keepalive() {
+    if !KernelBlackHole::available() {
+        println!(
+            "[chaos 7a: fleet network cut, keepalive] SKIPPED: needs root and iptables, to make the server's keepalive probes go unanswered"
+        );
+        return;
+    }
+    fleet_network_cut(Cut::Kernel);
+}
+
+#[test]
+fn fleet_network_cut_half_open_the_other_process_takes_over_by_wedge_detection() {
+    fleet_network_cut(Cut::UserSpace);
+}
+
+fn fleet_network_cut(cut: Cut) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let db = rt.block_on(TestDb::new());
+    let tenants: Vec<String> = (1..=4).map(|i| format!("tenant_{i}")).collect();
+    steward_workload::queues::migrate(std::path::Path::new(support::STEWARD), &db.url(), &tenants)
+        .unwrap_or_else(|e| panic!("migrating the tenant schemas: {e}"));
+    // One client per tenant schema, with the commit audit installed there.
+    let clients: BTreeMap<String, Client> = rt.block_on(async {
+        let mut clients = BTreeMap::new();
+        for schema in &tenants {
+            let client = db
+                .target()
+                .with_schema(schema.parse().unwrap())
+                .connect()
+                .await
+                .unwrap();
+            install_commits_audit(&client).await;
+            clients.insert(schema.clone(), client);
+        }
+        clients
+    });
+    let client = rt.block_on(db.client());
+    let leaders = || {
+        rt.block_on(steward_workload::queues::leaders(&client, &tenants))
+            .unwrap()
+    };
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let toml: String = tenants
+        .iter()
+        .map(|schema| format!("[[queues]]\nschema = \"{schema}\"\n"))
+        .collect();
+    std::fs::write(config.path(), toml).unwrap();
+    let server = server_addr(&db.url());
+    let proxy = rt.block_on(BlackHoleProxy::start(server));
+    let through_proxy = url_via(&db.url(), proxy.addr());
+    let mut settings = vec![
+        "leader.probe_interval=250ms",
+        "leader.probe_timeout=1s",
+        "leader.keepalive_idle=1s",
+        "leader.keepalive_interval=1s",
+        "leader.keepalive_retries=2",
+        "leader.idle_in_transaction_timeout=5s",
+        "leader.progress_interval=500ms",
+    ];
+    if cut == Cut::UserSpace {
+        settings.extend([
+            "leader.wedge_timeout=3s",
+            "leader.wedge_check_interval=250ms",
+        ]);
+    }
+    let mut args = steward_args(&settings);
+    args.extend(["--config".to_owned(), config.path().display().to_string()]);
+    let args = as_strs(&args);
+    let instance_of = |s: &Steward| {
+        s.wait_for(
+            steward_workload::fleet::FLEET_STARTING,
+            Duration::from_secs(30),
+        )
+        .field_str("instance")
+        .map(str::to_owned)
+        .expect("instance in the fleet's first line")
+    };
+    let mut a = Steward::spawn(&through_proxy, &args);
+    let a_instance = instance_of(&a);
+    let mut b = Steward::spawn(&db.url(), &args);
+    let b_instance = instance_of(&b);
+    let context = || {
+        format!(
+            "leaders {:?}\n{}",
+            leaders(),
+            outputs(&[("a", &a), ("b", &b)])
+        )
+    };
+    // The leader row's epoch and instance: the term that holds the queue.
+    let term_of = |schema: &str| -> (i64, Option<String>) {
+        let row = rt
+            .block_on(
+                clients[schema].query_one("SELECT epoch, instance FROM leader WHERE id = 1", &[]),
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // Four queues on two: two each, every lock holder's term started.
+    wait_until(
+        "both processes leading two queues each",
+        Duration::from_secs(60),
+        || {
+            let leaders = leaders();
+            let counts = steward_workload::queues::counts(&leaders);
+            let started = leaders
+                .iter()
+                .all(|(schema, leader)| term_of(schema).1.as_deref() == Some(leader.as_str()));
+            (counts.get(&a_instance) == Some(&2) && counts.get(&b_instance) == Some(&2) && started)
+                .then_some(())
+        },
+        context,
+    );
+    let a_led: Vec<String> = leaders()
+        .into_iter()
+        .filter(|(_, leader)| *leader == a_instance)
+        .map(|(schema, _)| schema)
+        .collect();
+    let epoch_of = |schema: &str| term_of(schema).0;
+    let before: BTreeMap<String, i64> = a_led.iter().map(|s| (s.clone(), epoch_of(s))).collect();
+    // A few progress marks and branch passes of A in its queues.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let cut_at = SystemTime::now();
+    proxy.black_hole();
+    let _kernel = (cut == Cut::Kernel)
+        .then(|| KernelBlackHole::drop_connections(server, &proxy.upstream_addrs()));
+
+    // A gives up each queue it led.
+    let mut a_stopped = 0;
+    for schema in &a_led {
+        let lost = wait_until(
+            &format!("A logging the loss of {schema}"),
+            Duration::from_secs(30),
+            || {
+                find_after(&a, "leadership lost", cut_at, |l| {
+                    l.field_str("schema") == Some(schema.as_str())
+                })
+            },
+            context,
+        );
+        a_stopped = a_stopped.max(millis(cut_at, lost.at));
+    }
+    let runs_at_loss = metric_sum(&a, BRANCH_RUNS);
+    wait_until(
+        "B leading all four queues",
+        Duration::from_secs(60),
+        || {
+            let leaders = leaders();
+            (leaders.len() == 4 && leaders.values().all(|l| *l == b_instance)).then_some(())
+        },
+        context,
+    );
+    let b_leads = millis(cut_at, SystemTime::now());
+    let wedge = find_after(&b, WEDGE_TAKEOVER, cut_at, |_| true);
+    std::thread::sleep(Duration::from_secs(3));
+    let runs_later = metric_sum(&a, BRANCH_RUNS);
+    assert_eq!(
+        runs_at_loss, runs_later,
+        "A ran branches after giving up its queues"
+    );
+    assert!(
+        a_stopped <= PROBE_INTERVAL_MS + PROBE_TIMEOUT_MS + LOOP_STOP_BOUND_MS,
+        "A gave up its queues {a_stopped} ms after the cut (probe every {PROBE_INTERVAL_MS} ms, timeout {PROBE_TIMEOUT_MS} ms)"
+    );
+    match cut {
+        Cut::Kernel => assert!(
+            wedge.is_none(),
+            "B took over by wedge detection, not because the server dropped A's sessions:\n{}",
+            context()
+        ),
+        Cut::UserSpace => assert!(
+            wedge.is_some(),
+            "B took over without ending A's sessions, yet the server cannot see A's path is dead:\n{}",
+            context()
+        ),
+    }
+    assert!(
+        b_leads < 15_000,
+        "B led every queue {b_leads} ms after the cut"
+    );
+
+    // Per queue A led: a new term, and no commit of A's after it began (see scenario 3).
+    let mut audited = Vec::new();
+    for schema in &a_led {
+        let epoch = epoch_of(schema);
+        assert!(
+            epoch > before[schema],
+            "{schema}: epoch {} → {epoch}",
+            before[schema]
+        );
+        let late = rt.block_on(late_commits(
+            &clients[schema],
+            before[schema] + 1,
+            &a_instance,
+        ));
+        assert!(
+            late.a_commits > 0,
+            "{schema}: the audit saw no commit of A: {late:?}"
+        );
+        assert_eq!(
+            late.late, 0,
+            "{schema}: A committed after B's term began: {late:?}"
+        );
+        audited.push(late.a_commits);
+    }
+    // And B maintains them: a job due now in each is promoted.
+    for schema in &a_led {
+        let queue = Queue::new(
+            db.target()
+                .with_schema(schema.parse().unwrap())
+                .pool(2)
+                .unwrap(),
+        );
+        let due = chrono::Utc::now() + chrono::Duration::milliseconds(200);
+        let id = rt
+            .block_on(queue.enqueue(&steward_queue::NewJob::new("fleet").run_at(due)))
+            .unwrap()
+            .id();
+        wait_until(
+            &format!("job {id} of {schema} promoted by B"),
+            Duration::from_secs(30),
+            || {
+                let state: String = rt
+                    .block_on(
+                        clients[schema]
+                            .query_one("SELECT state::text FROM jobs WHERE id = $1", &[&id]),
+                    )
+                    .unwrap()
+                    .get(0);
+                (state != "scheduled").then_some(())
+            },
+            context,
+        );
+    }
+    println!(
+        "[chaos 7{}: fleet network cut, {}] A gave up its {} queues {a_stopped} ms after the cut, no branch pass after ({runs_at_loss} before); B led all 4 {b_leads} ms after the cut{}; A's commits audited per queue {audited:?}, 0 after B's terms began; proxy connections {}",
+        if cut == Cut::Kernel { "a" } else { "b" },
+        match cut {
+            Cut::Kernel => "kernel drops packets, server keepalive 1 s + 1 s x 2",
+            Cut::UserSpace => "half-open, wedge_timeout 3 s",
+        },
+        a_led.len(),
+        if wedge.is_some() { " (by wedge detection)" } else { " (server dropped A's sessions)" },
+        proxy.connections(),
+    );
+    assert_no_panic(&mut [("a", &mut a), ("b", &mut b)]);
 }
