@@ -42,13 +42,16 @@ use tokio_postgres::Client;
 /// key made the planner merge-join against the whole `jobs_pkey` index, the largest cost of a
 /// batch. The lock keeps those versions current until the update, so the update changes only
 /// row versions this statement locked after re-checking them; a locked version the statement's
-/// snapshot cannot see is left for the next pass.
+/// snapshot cannot see is left for the next pass. The earliest retry wakes the promoter when it
+/// is due before the promoter's own next wake-up (`wake_promoter`), so that a promoter sleeping
+/// a long interval on an idle queue still promotes it on time.
 ///
 /// The statements it builds are checked in as `tests/sql/<branch>__rescue.snap`.
 macro_rules! rescue_statement {
     (pick: $pick:literal, reason: $reason:literal, error: $error:literal, set: $set:literal $(,)?) => {
         concat!(
             "
+WITH rescued AS (
 UPDATE jobs j SET
     state = CASE WHEN j.attempt >= j.max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
     run_at = CASE WHEN j.attempt >= j.max_attempts THEN j.run_at
@@ -69,7 +72,10 @@ WHERE j.ctid = ANY(ARRAY(
             "
     LIMIT $1
     FOR UPDATE SKIP LOCKED))
-RETURNING j.id, j.state::text, j.kind, j.queue, j.attempt, j.run_at"
+RETURNING j.id, j.state, j.kind, j.queue, j.attempt, j.run_at
+)
+SELECT id, state::text, kind, queue, attempt, run_at FROM rescued,
+    (SELECT wake_promoter(min(run_at) FILTER (WHERE state = 'retryable')) FROM rescued) woken"
         )
     };
 }
@@ -314,9 +320,11 @@ mod tests {
         assert!(SAMPLE.contains("'reason', 'sample', 'error', 'boom'))"));
         assert!(SAMPLE.contains("'boom')),\n    extra = NULL\nWHERE j.ctid = ANY(ARRAY("));
         assert!(SAMPLE.contains("LIMIT $1\n    FOR UPDATE SKIP LOCKED))\nRETURNING"));
-        assert!(
-            SAMPLE.ends_with("RETURNING j.id, j.state::text, j.kind, j.queue, j.attempt, j.run_at")
-        );
+        assert!(SAMPLE.contains("RETURNING j.id, j.state, j.kind, j.queue, j.attempt, j.run_at\n)"));
+        assert!(SAMPLE.ends_with(
+            "SELECT id, state::text, kind, queue, attempt, run_at FROM rescued,
+    (SELECT wake_promoter(min(run_at) FILTER (WHERE state = 'retryable')) FROM rescued) woken"
+        ));
     }
 
     #[test]

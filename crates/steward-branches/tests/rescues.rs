@@ -383,7 +383,8 @@ mod conformance {
                             skips_a_run_another_transaction_holds_instead_of_waiting,
                             concurrent_rescuers_never_rescue_a_job_twice,
                             a_stale_worker_cannot_touch_a_rescued_and_reclaimed_job,
-                            uses_its_partial_index;
+                            uses_its_partial_index,
+                            a_retry_wakes_a_promoter_sleeping_past_it;
                         sync:
                             an_slo_branch_with_a_quiet_period,
                             config_rejects_unknown_keys_and_bad_values,
@@ -503,6 +504,50 @@ async fn rescues_exactly_the_expired_runs(r: &Rescue) {
     let again = run(&*rescue, &mut client).await;
     assert_eq!(again.rows, 0, "re-running touches nothing");
     assert!(again.observations.is_empty());
+}
+
+/// A rescued run's retry wakes the promoter when it is due before the promoter's published
+/// wake-up (`wake_promoter`), once per pass; nothing is sent when the retry is due later.
+async fn a_retry_wakes_a_promoter_sleeping_past_it(r: &Rescue) {
+    let db = db_with_leader().await;
+    let mut client = db.client().await;
+    let (listener, mut notifications) = db.target().listen().await.unwrap();
+    let channel = steward_queue::due_channel(db.schema());
+    listener
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
+    r.seed(&client, r.state, 3, Some(1.0), 1, 5).await;
+    client
+        .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '1 hour'")
+        .await
+        .unwrap();
+    let rescue = r.branch("[retry]\nbase = \"500ms\"\nmax = \"500ms\"\njitter = 0.0");
+    assert_eq!(run(&*rescue, &mut client).await.rows, 3);
+    let woken = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("the listening connection is open");
+    assert_eq!(woken.channel, channel);
+    // The promoter wakes before the retries are due: nothing more to send.
+    r.seed(&client, r.state, 1, Some(1.0), 1, 5).await;
+    client
+        .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '100 ms'")
+        .await
+        .unwrap();
+    assert_eq!(run(&*rescue, &mut client).await.rows, 1);
+    client
+        .batch_execute(&format!("NOTIFY {channel}, 'sentinel'"))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("the sentinel within 10 s")
+        .expect("the listening connection is open");
+    assert_eq!(
+        next.payload, "sentinel",
+        "a NOTIFY for a retry due after the wake-up"
+    );
 }
 
 /// base * 2^(attempt - 1), capped at max; a run on its last attempt (or beyond it, when

@@ -108,8 +108,11 @@ RETURNING j.id, j.run_lease";
 
 /// Fail many runs in one statement, each guarded by its lease, by the rule of FAIL: $3 the
 /// errors, $4 their reasons (`error`, `panic`, `timeout`), $5 whether each is permanent, $6..$8
-/// the retry_backoff parameters. Returns each failed run's new state and due time. Primary key.
+/// the retry_backoff parameters. Returns each failed run's new state and due time, and wakes the
+/// promoter for the earliest retry when it is due before the promoter's own next wake-up
+/// (`wake_promoter`). Primary key.
 pub const FAIL_MANY: &str = "
+WITH failed AS (
 UPDATE jobs j SET
     state = CASE WHEN l.permanent OR j.attempt >= j.max_attempts THEN 'failed'::job_state
                  ELSE 'retryable'::job_state END,
@@ -121,7 +124,10 @@ UPDATE jobs j SET
 FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::bool[])
      AS l(id, lease, error, reason, permanent)
 WHERE j.id = l.id AND j.run_lease = l.lease AND j.state = 'running'
-RETURNING j.id, j.run_lease, j.state::text, j.run_at";
+RETURNING j.id, j.run_lease, j.state, j.run_at
+)
+SELECT id, run_lease, state::text, run_at FROM failed,
+    (SELECT wake_promoter(min(run_at) FILTER (WHERE state = 'retryable')) FROM failed) woken";
 
 /// Hand runs back without using up an attempt (a worker shutting down): available again at
 /// once, with a `released` entry in `errors`, and their queues' workers woken. Each guarded by
@@ -149,8 +155,10 @@ UPDATE jobs SET state = 'completed', finalized_at = now()
 WHERE id = $1 AND run_lease = $2 AND state = 'running'";
 
 /// Fail a run: retryable with backoff while attempts remain, failed otherwise (or at once when
-/// $7 says the error is permanent). The error is appended to `errors`. Primary key; run_lease guard.
+/// $7 says the error is permanent). The error is appended to `errors`; a retry wakes the promoter
+/// as FAIL_MANY's do. Primary key; run_lease guard.
 pub const FAIL: &str = "
+WITH failed AS (
 UPDATE jobs SET
     state = CASE WHEN $7 OR attempt >= max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
     run_at = CASE WHEN $7 OR attempt >= max_attempts THEN run_at
@@ -159,14 +167,21 @@ UPDATE jobs SET
     errors = errors || jsonb_build_array(jsonb_build_object(
         'attempt', attempt, 'at', now(), 'reason', 'error', 'error', $6::text))
 WHERE id = $1 AND run_lease = $2 AND state = 'running'
-RETURNING state::text, run_at";
+RETURNING state, run_at
+)
+SELECT state::text, run_at FROM failed,
+    (SELECT wake_promoter(min(run_at) FILTER (WHERE state = 'retryable')) FROM failed) woken";
 
-/// Snooze a run: back to scheduled after a delay without using up an attempt.
+/// Snooze a run: back to scheduled after a delay without using up an attempt; wakes the promoter
+/// when due before its own next wake-up (`wake_promoter`).
 pub const SNOOZE: &str = "
+WITH snoozed AS (
 UPDATE jobs SET state = 'scheduled', attempt = attempt - 1,
     run_at = now() + make_interval(secs => $3::float8 / 1000.0)
 WHERE id = $1 AND run_lease = $2 AND state = 'running'
-RETURNING run_at";
+RETURNING run_at
+)
+SELECT run_at FROM snoozed, (SELECT wake_promoter(min(run_at)) FROM snoozed) woken";
 
 /// Park a run until an external callback arrives or times out. Primary key; run_lease guard.
 pub const WAIT_FOR_CALLBACK: &str = "
@@ -182,8 +197,10 @@ UPDATE jobs SET state = 'completed', finalized_at = now(), callback_timeout_at =
 WHERE callback_id = $1 AND state = 'waiting_external'
 RETURNING id";
 
-/// Resolve a callback as failed: same retry rule as FAIL. Index: jobs_callback_id_idx.
+/// Resolve a callback as failed: same retry rule (and wake-up) as FAIL. Index:
+/// jobs_callback_id_idx.
 pub const RESOLVE_CALLBACK_FAIL: &str = "
+WITH failed AS (
 UPDATE jobs SET
     state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'retryable'::job_state END,
     run_at = CASE WHEN attempt >= max_attempts THEN run_at
@@ -193,7 +210,10 @@ UPDATE jobs SET
     errors = errors || jsonb_build_array(jsonb_build_object(
         'attempt', attempt, 'at', now(), 'reason', 'callback_failed', 'error', $5::text))
 WHERE callback_id = $1 AND state = 'waiting_external'
-RETURNING id, state::text";
+RETURNING id, state, run_at
+)
+SELECT id, state::text FROM failed,
+    (SELECT wake_promoter(min(run_at) FILTER (WHERE state = 'retryable')) FROM failed) woken";
 
 /// Cancel a job that has not finished. Primary key.
 pub const CANCEL: &str = "

@@ -142,3 +142,80 @@ async fn it_works_from_a_session_without_the_schema_on_its_search_path() {
         "one NOTIFY per statement"
     );
 }
+
+/// Every write that makes a run due again later wakes the promoter by the same rule as an
+/// enqueue, so that a promoter sleeping a long interval still promotes it on time: a failure
+/// (single and batched), a snooze and a failed callback, each once, and a final failure (no
+/// retry) not at all.
+#[tokio::test]
+async fn a_retry_or_a_snooze_wakes_the_promoter_like_an_enqueue() {
+    let db = TestDb::new().await;
+    let schema = db.schema();
+    let client = db.client().await;
+    let queue = Queue::new(db.pool(2)).with_retry_policy(steward_queue::RetryPolicy {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(1),
+        jitter: 0.0,
+    });
+    for _ in 0..6 {
+        queue.enqueue(&NewJob::new("k")).await.unwrap();
+    }
+    let mut claimed = queue.claim("default", 6).await.unwrap().into_iter();
+    let mut lease = || claimed.next().expect("a claimed job").lease;
+    client
+        .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '1 hour'")
+        .await
+        .unwrap();
+    let (listener, mut notifications) = listen(db.target()).await;
+
+    queue.fail(lease(), "boom").await.unwrap();
+    assert_eq!(next(&mut notifications).await, due_channel(schema));
+    queue
+        .fail_many(&[steward_queue::Failure {
+            lease: lease(),
+            error: "boom".to_owned(),
+            reason: "error",
+            permanent: false,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut notifications).await, due_channel(schema));
+    queue.snooze(lease(), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(next(&mut notifications).await, due_channel(schema));
+    let parked = lease();
+    let callback = queue
+        .wait_for_callback(parked, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    queue
+        .resolve_callback(callback, steward_queue::Resolution::Fail("no".to_owned()))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut notifications).await, due_channel(schema));
+    assert_eq!(
+        unread(&client, &listener, &mut notifications, schema).await,
+        0,
+        "one NOTIFY per statement"
+    );
+
+    // A permanent failure is not due again, and a retry later than the promoter's own wake-up
+    // needs no NOTIFY.
+    queue
+        .fail_many(&[steward_queue::Failure {
+            lease: lease(),
+            error: "fatal".to_owned(),
+            reason: "error",
+            permanent: true,
+        }])
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '100 ms'")
+        .await
+        .unwrap();
+    queue.fail(lease(), "boom").await.unwrap();
+    assert_eq!(
+        unread(&client, &listener, &mut notifications, schema).await,
+        0
+    );
+}
