@@ -197,6 +197,10 @@ struct Args {
     /// Fleet: the processes' SLO pool size (`[fleet] slo_sessions`); default: the shipped one.
     #[arg(long)]
     fleet_slo_sessions: Option<usize>,
+    /// Fleet: a further `KEY=VALUE` setting for the processes (`steward run --set`), e.g.
+    /// `branches.promote_scheduled.interval=5s`; repeatable.
+    #[arg(long = "fleet-set", value_name = "KEY=VALUE")]
+    fleet_set: Vec<String>,
 }
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -569,6 +573,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             trials: args.trials.unwrap_or(pick(quick, 1, 5)),
             settle: pick(quick, Duration::from_secs(1), Duration::from_secs(5)),
             slo_sessions: args.fleet_slo_sessions,
+            extra: args.fleet_set.clone(),
         };
         let result = match &steward_bin {
             Some(Ok(bin)) => fleet::run(&pg, bin, &settings).await,

@@ -75,6 +75,8 @@ pub struct Settings {
     pub settle: Duration,
     /// `[fleet] slo_sessions` for the processes (`--set`), instead of the shipped default.
     pub slo_sessions: Option<usize>,
+    /// Further `KEY=VALUE` settings for the processes (`--set`).
+    pub extra: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +96,8 @@ pub struct Params {
     pub poll_interval_ms: f64,
     pub slo_sessions: usize,
     pub hygiene_sessions: usize,
+    /// Settings given to the processes besides the shipped ones (`--fleet-set`).
+    pub extra_settings: Vec<String>,
     pub steward_bin: String,
 }
 
@@ -411,6 +415,7 @@ async fn run_on(db: &BenchDb, bin: &Path, s: &Settings) -> anyhow::Result<FleetR
         poll_interval_ms: fleet_settings.poll_interval.as_secs_f64() * 1000.0,
         slo_sessions: s.slo_sessions.unwrap_or(fleet_settings.slo_sessions),
         hygiene_sessions: fleet_settings.hygiene_sessions,
+        extra_settings: s.extra.clone(),
         steward_bin: bin.display().to_string(),
     };
     let schemas: Vec<String> = (1..=s.queues).map(tenant).collect();
@@ -436,6 +441,9 @@ async fn run_on(db: &BenchDb, bin: &Path, s: &Settings) -> anyhow::Result<FleetR
     let mut args = vec!["--discover".to_owned()];
     if let Some(n) = s.slo_sessions {
         args.extend(["--set".to_owned(), format!("fleet.slo_sessions={n}")]);
+    }
+    for setting in &s.extra {
+        args.extend(["--set".to_owned(), setting.clone()]);
     }
     let mut fleet = Fleet {
         db,
@@ -1040,6 +1048,9 @@ pub fn render(r: &FleetResult) -> String {
         p.slo_sessions,
         p.hygiene_sessions
     );
+    if !p.extra_settings.is_empty() {
+        let _ = writeln!(out, "settings: {}", p.extra_settings.join(", "));
+    }
     let st = &r.settle;
     let _ = writeln!(
         out,
