@@ -105,13 +105,16 @@ impl Plain {
 
     /// A rescue's own `UPDATE jobs j SET ...` (state, backoff and the same error text), applied
     /// to every row matching `predicate` at once: the same row changes without batches, row
-    /// locks or RETURNING. The SET clause reads the retry parameters `$2..$4` (the default
+    /// locks, RETURNING or the promoter's wake-up. The SET clause reads the retry parameters `$2..$4` (the default
     /// retry policy) and, for heartbeats, the staleness `$5` (in `extra`); `$1`, the batch
     /// size, goes unused.
     fn rescue(statement: &str, predicate: &str, extra: &[f64]) -> Self {
+        // The statement's UPDATE, without the CTE around it that wakes the promoter.
         let set = statement
             .split_once(RESCUE_PICK)
             .map_or(statement, |(set, _)| set)
+            .trim()
+            .trim_start_matches("WITH rescued AS (")
             .trim();
         let (base_ms, max_ms, jitter) = RetryConfig::default().policy().sql_params();
         let mut args = vec![base_ms, max_ms, jitter];
