@@ -599,12 +599,7 @@ async fn old_fire_records_are_pruned_in_batches() {
 async fn a_fire_due_before_the_promoters_wakeup_notifies_it() {
     let db = db_with_leader().await;
     let mut client = db.client().await;
-    let (listener, mut notifications) = db.target().listen().await.unwrap();
-    let channel = steward_queue::due_channel(db.schema());
-    listener
-        .batch_execute(&format!("LISTEN {channel}"))
-        .await
-        .unwrap();
+    let (_listener, mut notifications, channel) = listen_for_promoter_wakeups(&db).await;
     client
         .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '1 hour'")
         .await

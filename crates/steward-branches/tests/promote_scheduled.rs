@@ -145,12 +145,7 @@ async fn wakeup_in(client: &tokio_postgres::Client) -> Option<f64> {
 async fn producers_notify_only_for_jobs_due_before_the_published_wakeup() {
     let db = db_with_leader().await;
     let queue = Queue::new(db.pool(2));
-    let (listener, mut notifications) = db.target().listen().await.unwrap();
-    let channel = steward_queue::due_channel(db.schema());
-    listener
-        .batch_execute(&format!("LISTEN {channel}"))
-        .await
-        .unwrap();
+    let (listener, mut notifications, channel) = listen_for_promoter_wakeups(&db).await;
     let client = db.client().await;
     client
         .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '10 seconds'")

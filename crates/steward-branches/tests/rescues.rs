@@ -511,12 +511,7 @@ async fn rescues_exactly_the_expired_runs(r: &Rescue) {
 async fn a_retry_wakes_a_promoter_sleeping_past_it(r: &Rescue) {
     let db = db_with_leader().await;
     let mut client = db.client().await;
-    let (listener, mut notifications) = db.target().listen().await.unwrap();
-    let channel = steward_queue::due_channel(db.schema());
-    listener
-        .batch_execute(&format!("LISTEN {channel}"))
-        .await
-        .unwrap();
+    let (_listener, mut notifications, channel) = listen_for_promoter_wakeups(&db).await;
     r.seed(&client, r.state, 3, Some(1.0), 1, 5).await;
     client
         .batch_execute("UPDATE leader SET promote_wakeup_at = now() + interval '1 hour'")

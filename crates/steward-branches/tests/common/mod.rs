@@ -114,6 +114,20 @@ pub async fn db_with_leader() -> TestDb {
     db
 }
 
+/// A session listening on the promoter's wake-up channel (`due_channel`) of `db`'s schema: the
+/// session (keep it open), its notifications and the channel.
+pub async fn listen_for_promoter_wakeups(
+    db: &TestDb,
+) -> (Client, steward_connection::Notifications, String) {
+    let (listener, notifications) = db.target().listen().await.unwrap();
+    let channel = steward_queue::due_channel(db.schema());
+    listener
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
+    (listener, notifications, channel)
+}
+
 /// One pass of `branch` on `client` under `epoch`.
 pub async fn run_as(
     branch: &dyn Branch,
